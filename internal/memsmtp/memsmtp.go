@@ -1,0 +1,403 @@
+// Package memsmtp runs an in-process SMTP server that keeps the messages it
+// accepts in memory. It is the upstream of smtppool's demo mode and of its
+// unit tests, which use its fault injection (a reply, a delay or a dropped
+// connection at a chosen command) and its counters (connections, concurrent
+// connections, AUTHs, messages).
+package memsmtp
+
+import (
+	"bytes"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/mail"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// Command names the point of a session where a Fault applies.
+type Command string
+
+// The points where faults apply.
+const (
+	Banner Command = "BANNER" // the greeting, right after accept
+	Auth   Command = "AUTH"
+	Mail   Command = "MAIL"
+	Rcpt   Command = "RCPT"
+	Data   Command = "DATA" // the message and its final reply
+)
+
+// Fault is a misbehaviour applied once, at the next Command of its kind, on
+// whatever connection reaches it first.
+type Fault struct {
+	// Delay waits this long before answering; at Data, after reading the
+	// whole message.
+	Delay time.Duration
+	// Reply answers with this error instead of accepting.
+	Reply *smtp.SMTPError
+	// Drop closes the connection instead of answering. At Data the message
+	// is cut off halfway, unless Deliver is set.
+	Drop bool
+	// Deliver, at Data, reads and keeps the whole message before Reply or
+	// Drop, as a server that accepted a message and then failed to say so.
+	Deliver bool
+}
+
+// Message is one accepted message.
+type Message struct {
+	From string
+	To   []string
+	Opts smtp.MailOptions
+	Data []byte
+	// Conn is the number of the connection that carried it, from 1.
+	Conn int64
+}
+
+// MessageID returns the message's Message-ID header, or "".
+func (m Message) MessageID() string {
+	msg, err := mail.ReadMessage(bytes.NewReader(m.Data))
+	if err != nil {
+		return ""
+	}
+	return msg.Header.Get("Message-Id")
+}
+
+// Options configure a Server.
+type Options struct {
+	// Addr to listen on; default "127.0.0.1:0".
+	Addr string
+	// TLS, if set, is offered with STARTTLS, or spoken from the first byte
+	// when ImplicitTLS is set.
+	TLS         *tls.Config
+	ImplicitTLS bool
+	// Username and Password, if set, are required with AUTH PLAIN or LOGIN
+	// before MAIL.
+	Username, Password string
+	// MaxMessageBytes is advertised with SIZE and enforced; default 0, none.
+	MaxMessageBytes int64
+	// Hide removes these extensions (such as "8BITMIME" or "SMTPUTF8") from
+	// the EHLO reply.
+	Hide []string
+	// OnMessage, if set, is called with each accepted message.
+	OnMessage func(Message)
+	// ErrorLog receives go-smtp's internal errors; default discards them.
+	ErrorLog *log.Logger
+}
+
+// Stats are a server's counters.
+type Stats struct {
+	Conns    int64 // connections accepted, refused ones included
+	Open     int64 // connections open now
+	MaxOpen  int64 // most connections open at once
+	Auths    int64 // successful AUTH exchanges
+	Messages int64 // messages accepted
+}
+
+// Server is a running in-memory SMTP server.
+type Server struct {
+	// Addr is the address the server listens on.
+	Addr string
+
+	opts Options
+	srv  *smtp.Server
+	ln   net.Listener
+	done chan struct{}
+
+	conns, open, maxOpen, auths atomic.Int64
+
+	mu       sync.Mutex
+	faults   map[Command][]Fault
+	messages []Message
+}
+
+// Start listens and serves until Close.
+func Start(opts Options) (*Server, error) {
+	if opts.Addr == "" {
+		opts.Addr = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", opts.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", opts.Addr, err)
+	}
+	s := &Server{Addr: ln.Addr().String(), opts: opts, done: make(chan struct{}), faults: map[Command][]Fault{}}
+	s.srv = smtp.NewServer(smtp.BackendFunc(s.newSession))
+	s.srv.Domain = "memsmtp.test"
+	s.srv.MaxMessageBytes = opts.MaxMessageBytes
+	s.srv.AllowInsecureAuth = true
+	s.srv.EnableSMTPUTF8 = true
+	s.srv.ErrorLog = opts.ErrorLog
+	if s.srv.ErrorLog == nil {
+		s.srv.ErrorLog = log.New(io.Discard, "", 0)
+	}
+	if opts.TLS != nil && !opts.ImplicitTLS {
+		s.srv.TLSConfig = opts.TLS
+	}
+	s.ln = &listener{Listener: ln, s: s}
+	go func() {
+		defer close(s.done)
+		s.srv.Serve(s.ln)
+	}()
+	return s, nil
+}
+
+// Close stops the server and closes every connection.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	<-s.done
+	return err
+}
+
+// Inject queues faults; each applies once, in order, at its Command.
+func (s *Server) Inject(cmd Command, faults ...Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults[cmd] = append(s.faults[cmd], faults...)
+}
+
+func (s *Server) nextFault(cmd Command) *Fault {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.faults[cmd]
+	if len(q) == 0 {
+		return nil
+	}
+	f := q[0]
+	s.faults[cmd] = q[1:]
+	return &f
+}
+
+// Messages returns a copy of the accepted messages, in order of acceptance.
+func (s *Server) Messages() []Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Message(nil), s.messages...)
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	n := int64(len(s.messages))
+	s.mu.Unlock()
+	return Stats{Conns: s.conns.Load(), Open: s.open.Load(), MaxOpen: s.maxOpen.Load(), Auths: s.auths.Load(), Messages: n}
+}
+
+func (s *Server) deliver(m Message) {
+	s.mu.Lock()
+	s.messages = append(s.messages, m)
+	s.mu.Unlock()
+	if s.opts.OnMessage != nil {
+		s.opts.OnMessage(m)
+	}
+}
+
+// listener counts connections and applies Banner faults before go-smtp
+// sends its greeting.
+type listener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		s := l.s
+		conn := &conn{Conn: c, s: s, id: s.conns.Add(1), hide: s.opts.Hide}
+		open := s.open.Add(1)
+		for {
+			max := s.maxOpen.Load()
+			if open <= max || s.maxOpen.CompareAndSwap(max, open) {
+				break
+			}
+		}
+		if f := s.nextFault(Banner); f != nil {
+			time.Sleep(f.Delay)
+			if f.Reply != nil {
+				fmt.Fprintf(conn, "%d %d.%d.%d %s\r\n", f.Reply.Code, f.Reply.EnhancedCode[0],
+					f.Reply.EnhancedCode[1], f.Reply.EnhancedCode[2], f.Reply.Message)
+			}
+			conn.Close()
+			continue
+		}
+		if s.opts.ImplicitTLS {
+			return tls.Server(conn, s.opts.TLS), nil
+		}
+		return conn, nil
+	}
+}
+
+// conn counts its own closing and hides extensions from the EHLO reply.
+type conn struct {
+	net.Conn
+	s         *Server
+	id        int64
+	hide      []string
+	closeOnce sync.Once
+}
+
+func (c *conn) Close() error {
+	c.closeOnce.Do(func() { c.s.open.Add(-1) })
+	return c.Conn.Close()
+}
+
+// Write drops EHLO reply lines of hidden extensions. go-smtp writes and
+// flushes each reply line separately, and never ends the reply with one of
+// these, so a line can be dropped whole.
+func (c *conn) Write(b []byte) (int, error) {
+	for _, ext := range c.hide {
+		if bytes.HasPrefix(b, []byte("250-"+ext)) {
+			return len(b), nil
+		}
+	}
+	return c.Conn.Write(b)
+}
+
+func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
+	var id int64
+	if cc := connOf(c.Conn()); cc != nil {
+		id = cc.id
+	}
+	return &session{s: s, c: c, conn: id}, nil
+}
+
+func connOf(nc net.Conn) *conn {
+	if tc, ok := nc.(*tls.Conn); ok {
+		nc = tc.NetConn()
+	}
+	cc, _ := nc.(*conn)
+	return cc
+}
+
+var errDropped = errors.New("memsmtp: connection dropped by fault")
+
+type session struct {
+	s      *Server
+	c      *smtp.Conn
+	conn   int64
+	authed bool
+	msg    Message
+}
+
+// apply runs a fault and returns the error to answer with, or nil to go on.
+func (ss *session) apply(f *Fault) error {
+	if f == nil {
+		return nil
+	}
+	time.Sleep(f.Delay)
+	if f.Drop {
+		ss.c.Conn().Close()
+		return errDropped
+	}
+	if f.Reply != nil {
+		return f.Reply
+	}
+	return nil
+}
+
+func (ss *session) AuthMechanisms() []string {
+	if ss.s.opts.Username == "" {
+		return nil
+	}
+	return []string{sasl.Plain, sasl.Login}
+}
+
+func (ss *session) Auth(mech string) (sasl.Server, error) {
+	check := func(username, password string) error {
+		if err := ss.apply(ss.s.nextFault(Auth)); err != nil {
+			return err
+		}
+		if username != ss.s.opts.Username || password != ss.s.opts.Password {
+			return smtp.ErrAuthFailed
+		}
+		ss.authed = true
+		ss.s.auths.Add(1)
+		return nil
+	}
+	switch mech {
+	case sasl.Plain:
+		return sasl.NewPlainServer(func(_, username, password string) error { return check(username, password) }), nil
+	case sasl.Login:
+		return &loginServer{check: check}, nil
+	}
+	return nil, smtp.ErrAuthUnknownMechanism
+}
+
+func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
+	if ss.s.opts.Username != "" && !ss.authed {
+		return smtp.ErrAuthRequired
+	}
+	if err := ss.apply(ss.s.nextFault(Mail)); err != nil {
+		return err
+	}
+	ss.msg = Message{From: from, Conn: ss.conn}
+	if opts != nil {
+		ss.msg.Opts = *opts
+	}
+	return nil
+}
+
+func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+	if err := ss.apply(ss.s.nextFault(Rcpt)); err != nil {
+		return err
+	}
+	ss.msg.To = append(ss.msg.To, to)
+	return nil
+}
+
+func (ss *session) Data(r io.Reader) error {
+	f := ss.s.nextFault(Data)
+	if f != nil && f.Drop && !f.Deliver {
+		io.CopyN(io.Discard, r, 64)
+		ss.c.Conn().Close()
+		return errDropped
+	}
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	m := ss.msg
+	m.Data = data
+	if f == nil || f.Deliver {
+		ss.s.deliver(m)
+	}
+	return ss.apply(f)
+}
+
+func (ss *session) Reset() { ss.msg = Message{} }
+
+func (ss *session) Logout() error { return nil }
+
+// loginServer is the server side of the LOGIN mechanism, which go-sasl
+// implements only as a client.
+type loginServer struct {
+	check    func(username, password string) error
+	username string
+	step     int
+}
+
+func (l *loginServer) Next(response []byte) ([]byte, bool, error) {
+	l.step++
+	switch l.step {
+	case 1:
+		if len(response) > 0 { // initial response carries the user name
+			l.username = string(response)
+			l.step++
+			return []byte("Password:"), false, nil
+		}
+		return []byte("Username:"), false, nil
+	case 2:
+		l.username = string(response)
+		return []byte("Password:"), false, nil
+	default:
+		return nil, true, l.check(l.username, string(response))
+	}
+}

@@ -1,0 +1,150 @@
+// Command smtppool is an SMTP relay sidecar. It accepts SMTP from local
+// clients, such as a chat server that opens one connection per notification,
+// and relays every transaction over a capped pool of long-lived,
+// authenticated sessions to one upstream server. A client hears 250 only
+// after the upstream accepted its message.
+//
+// It is configured with environment variables; run it with -h for the list.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+	"github.com/smtppool/smtppool/proxy"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Environ(), os.Stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+	case err != nil:
+		fmt.Fprintln(os.Stderr, "smtppool:", err)
+		os.Exit(1)
+	}
+}
+
+// run starts the proxy and blocks until ctx ends, then shuts down: it stops
+// accepting, lets open client connections finish for up to
+// SMTPPOOL_SHUTDOWN_TIMEOUT, and closes upstream sessions with QUIT.
+func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
+	demo, err := parseArgs(args, stderr)
+	if err != nil {
+		return err
+	}
+	cfg, err := loadConfig(environ, demo)
+	if err != nil {
+		return err
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname, _ = os.Hostname()
+	}
+	logger := newLogger(cfg, stderr)
+
+	if demo {
+		up, err := startDemoUpstream(logger)
+		if err != nil {
+			return err
+		}
+		defer up.Close()
+		cfg.UpstreamAddr, cfg.UpstreamTLS = up.Addr, pool.TLSNone
+		cfg.UpstreamUsername, cfg.UpstreamPassword = "", ""
+	}
+
+	pc, err := cfg.poolConfig(logger)
+	if err != nil {
+		return err
+	}
+	p, err := pool.New(pc)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+
+	// relayCtx ends only when the shutdown timeout has passed: until then,
+	// transactions in flight keep waiting and retrying.
+	relayCtx, stopRelay := context.WithCancel(context.Background())
+	defer stopRelay()
+	srv := proxy.NewServer(relayCtx, p, cfg.proxyConfig(logger))
+
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("SMTPPOOL_LISTEN_ADDR: %w", err)
+	}
+	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "config", cfg)
+	if demo {
+		logger.Info("demo: send a message with: swaks --server " + ln.Addr().String() + " --to someone@example.com")
+	}
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down: no new connections; open ones may finish", "timeout", cfg.ShutdownTimeout)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("shutdown timeout passed; closing client connections")
+		stopRelay()
+		srv.Close()
+	}
+	p.Close()
+	logger.Info("stopped")
+	return nil
+}
+
+// parseArgs handles -h and the optional "demo" command.
+func parseArgs(args []string, stderr io.Writer) (demo bool, err error) {
+	fs := flag.NewFlagSet("smtppool", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { printUsage(stderr) }
+	if err := fs.Parse(args); err != nil {
+		return false, err
+	}
+	switch {
+	case fs.NArg() == 0:
+		return false, nil
+	case fs.NArg() == 1 && fs.Arg(0) == "demo":
+		return true, nil
+	}
+	return false, fmt.Errorf("unexpected arguments %q; run smtppool -h for usage", fs.Args())
+}
+
+func newLogger(cfg config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// startDemoUpstream runs the in-process upstream of demo mode, which logs
+// each message it receives (envelope, size and Message-ID, never the body).
+func startDemoUpstream(logger *slog.Logger) (*memsmtp.Server, error) {
+	log := logger.With("component", "demo-upstream")
+	up, err := memsmtp.Start(memsmtp.Options{OnMessage: func(m memsmtp.Message) {
+		log.Info("demo upstream received a message", "from", m.From, "to", m.To,
+			"bytes", len(m.Data), "message_id", m.MessageID())
+	}})
+	if err != nil {
+		return nil, fmt.Errorf("demo upstream: %w", err)
+	}
+	log.Info("demo upstream listening", "addr", up.Addr)
+	return up, nil
+}

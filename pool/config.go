@@ -1,0 +1,175 @@
+package pool
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// TLSMode says how a session to the upstream is encrypted.
+type TLSMode int
+
+const (
+	// TLSOpportunistic upgrades with STARTTLS when the upstream offers it and
+	// stays in plain text otherwise.
+	TLSOpportunistic TLSMode = iota
+	// TLSNone never encrypts.
+	TLSNone
+	// TLSStartTLS requires STARTTLS; a session to an upstream that does not
+	// offer it fails.
+	TLSStartTLS
+	// TLSImplicit speaks TLS from the first byte (SMTPS, usually port 465).
+	TLSImplicit
+)
+
+var tlsModeNames = map[TLSMode]string{
+	TLSOpportunistic: "opportunistic",
+	TLSNone:          "none",
+	TLSStartTLS:      "starttls",
+	TLSImplicit:      "tls",
+}
+
+// String returns the mode's configuration name.
+func (m TLSMode) String() string {
+	if s, ok := tlsModeNames[m]; ok {
+		return s
+	}
+	return fmt.Sprintf("TLSMode(%d)", int(m))
+}
+
+// UnmarshalText parses "none", "opportunistic", "starttls" or "tls".
+func (m *TLSMode) UnmarshalText(text []byte) error {
+	for mode, name := range tlsModeNames {
+		if string(text) == name {
+			*m = mode
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown TLS mode %q (want none, opportunistic, starttls or tls)", text)
+}
+
+// MarshalText returns the mode's configuration name.
+func (m TLSMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
+// Config configures a Pool. Every field but Addr has a default, used when
+// the field is left at its zero value.
+type Config struct {
+	// Addr is the upstream's host:port; required.
+	Addr string
+
+	// TLS says how sessions are encrypted; default TLSOpportunistic.
+	TLS TLSMode
+
+	// TLSConfig is used for STARTTLS and implicit TLS; nil means the system
+	// roots, with the server name taken from Addr.
+	TLSConfig *tls.Config
+
+	// Auth authenticates each new session once, after TLS; nil means no AUTH.
+	Auth Authenticator
+
+	// AllowInsecureAuth lets Auth run over a session without TLS; default
+	// false, so that credentials never cross the network in clear text.
+	AllowInsecureAuth bool
+
+	// LocalName is the host name sent in EHLO; default "localhost".
+	LocalName string
+
+	// MaxConns is the hard cap on sessions open to the upstream at any
+	// moment, counting those being dialled; default 5.
+	MaxConns int32
+
+	// MaxConnLifetime is the age, from dial, after which a session is closed
+	// instead of reused; default 10 minutes.
+	MaxConnLifetime time.Duration
+
+	// MaxConnIdleTime is how long a session may sit unused in the pool before
+	// the health check closes it; default 1 minute.
+	MaxConnIdleTime time.Duration
+
+	// MaxMessagesPerConn is the number of messages after which a session is
+	// closed instead of reused; default 100.
+	MaxMessagesPerConn int
+
+	// PingAfterIdle is how long a session may sit unused before Acquire
+	// checks it with NOOP; default 5 seconds.
+	PingAfterIdle time.Duration
+
+	// HealthCheckPeriod is the interval of the background check that closes
+	// idle and expired sessions; default 10 seconds.
+	HealthCheckPeriod time.Duration
+
+	// ConnectTimeout bounds dialling plus greeting, EHLO, STARTTLS and AUTH
+	// of a new session; default 30 seconds.
+	ConnectTimeout time.Duration
+
+	// CommandTimeout bounds the wait for each reply within a session;
+	// default 1 minute.
+	CommandTimeout time.Duration
+
+	// DataTimeout bounds the wait for the reply to the end of a message;
+	// default 10 minutes.
+	DataTimeout time.Duration
+
+	// Dial opens the TCP connection to Addr; default a net.Dialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// Logger receives session events; default discards them.
+	Logger *slog.Logger
+}
+
+// withDefaults returns a copy of c with every unset field at its default.
+func (c Config) withDefaults() (Config, error) {
+	if c.Addr == "" {
+		return c, errors.New("pool: Config.Addr is required")
+	}
+	host, _, err := net.SplitHostPort(c.Addr)
+	if err != nil {
+		return c, fmt.Errorf("pool: Config.Addr %q: %w", c.Addr, err)
+	}
+	if _, ok := tlsModeNames[c.TLS]; !ok {
+		return c, fmt.Errorf("pool: Config.TLS: unknown mode %d", int(c.TLS))
+	}
+	if c.TLS == TLSNone && c.Auth != nil && !c.AllowInsecureAuth {
+		return c, errors.New("pool: Config.Auth with TLSNone needs AllowInsecureAuth")
+	}
+	if c.TLSConfig == nil {
+		c.TLSConfig = &tls.Config{}
+	}
+	if c.TLSConfig.ServerName == "" {
+		c.TLSConfig = c.TLSConfig.Clone()
+		c.TLSConfig.ServerName = host
+	}
+	setDefault(&c.LocalName, "localhost")
+	setDefault(&c.MaxConns, 5)
+	setDefault(&c.MaxConnLifetime, 10*time.Minute)
+	setDefault(&c.MaxConnIdleTime, time.Minute)
+	setDefault(&c.MaxMessagesPerConn, 100)
+	setDefault(&c.PingAfterIdle, 5*time.Second)
+	setDefault(&c.HealthCheckPeriod, 10*time.Second)
+	setDefault(&c.ConnectTimeout, 30*time.Second)
+	setDefault(&c.CommandTimeout, time.Minute)
+	setDefault(&c.DataTimeout, 10*time.Minute)
+	if c.Dial == nil {
+		c.Dial = (&net.Dialer{}).DialContext
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if c.MaxConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
+		c.PingAfterIdle < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
+		return c, errors.New("pool: Config limits and durations must not be negative")
+	}
+	return c, nil
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}

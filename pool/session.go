@@ -1,0 +1,174 @@
+package pool
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+// Errors for sessions that cannot be set up as configured. Retrying does not
+// help; the operator has to act.
+var (
+	// ErrTLSUnavailable means TLS was required (by the TLS mode, or to send
+	// credentials) but the upstream did not offer STARTTLS.
+	ErrTLSUnavailable = errors.New("upstream does not offer STARTTLS")
+	// ErrAuthUnavailable means credentials are configured but the upstream
+	// offers no AUTH mechanism that can use them.
+	ErrAuthUnavailable = errors.New("upstream offers no usable AUTH mechanism")
+)
+
+// ErrNoReply means the connection failed after the whole message, final dot
+// included, was written, and before the upstream's reply arrived. The
+// upstream may or may not have accepted the message.
+var ErrNoReply = errors.New("connection lost after the end of the message, before the reply")
+
+// quitTimeout bounds the polite QUIT that closes a healthy session.
+const quitTimeout = 5 * time.Second
+
+// session is one connection to the upstream, past greeting, EHLO, STARTTLS
+// and AUTH. It is used by one goroutine at a time: the holder of its Conn, or
+// the pool.
+type session struct {
+	id       uint64
+	client   *smtp.Client
+	conn     *trackedConn
+	tls      bool
+	messages int  // messages that reached the end of DATA
+	dirty    bool // a transaction was started and not finished
+	broken   bool // an I/O error or 421: never reuse
+}
+
+// trackedConn remembers whether a write failed, which tells a lost reply
+// (ErrNoReply) from a message that never fully left.
+type trackedConn struct {
+	net.Conn
+	writeFailed bool
+}
+
+func (c *trackedConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		c.writeFailed = true
+	}
+	return n, err
+}
+
+// close ends the session: politely with QUIT when it is healthy, by closing
+// the connection otherwise.
+func (s *session) close() {
+	if !s.broken {
+		s.client.CommandTimeout = quitTimeout
+		if s.client.Quit() == nil {
+			return
+		}
+	}
+	s.client.Close()
+}
+
+// connect dials the upstream and takes a new session through greeting, EHLO,
+// STARTTLS and AUTH within ConnectTimeout.
+func (p *Pool) connect(ctx context.Context) (*session, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	start := time.Now()
+	s, err := p.handshake(ctx)
+	if err != nil {
+		p.stats.connectFailures.Add(1)
+		return nil, err
+	}
+	s.id = p.stats.sessionsOpened.Add(1)
+	p.log.Debug("upstream session opened", "session", s.id, "tls", s.tls,
+		"auth", p.cfg.Auth != nil, "duration", time.Since(start))
+	return s, nil
+}
+
+func (p *Pool) handshake(ctx context.Context) (*session, error) {
+	useStartTLS := p.cfg.TLS == TLSStartTLS || (p.cfg.TLS == TLSOpportunistic && !p.noStartTLS.Load())
+	s, err := p.greet(ctx, useStartTLS)
+	if err != nil && useStartTLS && p.cfg.TLS == TLSOpportunistic && errors.Is(err, ErrTLSUnavailable) {
+		// go-smtp has no way to upgrade a client that has already read the
+		// EHLO reply, so learn once that this upstream has no STARTTLS and
+		// dial again in plain text.
+		p.noStartTLS.Store(true)
+		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "addr", p.cfg.Addr)
+		s, err = p.greet(ctx, false)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := p.authenticate(ctx, s); err != nil {
+		s.close()
+		return nil, err
+	}
+	s.client.CommandTimeout = p.cfg.CommandTimeout
+	s.client.SubmissionTimeout = p.cfg.DataTimeout
+	return s, nil
+}
+
+// greet dials and runs greeting, EHLO and, if asked, STARTTLS and EHLO again.
+// The connection is closed when ctx ends before it returns.
+func (p *Pool) greet(ctx context.Context, startTLS bool) (*session, error) {
+	raw, err := p.cfg.Dial(ctx, "tcp", p.cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
+	}
+	tc := &trackedConn{Conn: raw}
+	var conn net.Conn = tc
+	if p.cfg.TLS == TLSImplicit {
+		conn = tls.Client(tc, p.cfg.TLSConfig)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+
+	var c *smtp.Client
+	if startTLS {
+		c, err = smtp.NewClientStartTLS(conn, p.cfg.TLSConfig)
+		if err != nil && strings.Contains(err.Error(), "doesn't support STARTTLS") {
+			err = ErrTLSUnavailable
+		}
+	} else {
+		c = smtp.NewClient(conn)
+	}
+	if err == nil {
+		err = c.Hello(p.cfg.LocalName)
+	}
+	if err != nil {
+		conn.Close()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
+		}
+		return nil, fmt.Errorf("greet %s: %w", p.cfg.Addr, err)
+	}
+	_, isTLS := c.TLSConnectionState()
+	return &session{client: c, conn: tc, tls: isTLS}, nil
+}
+
+func (p *Pool) authenticate(ctx context.Context, s *session) error {
+	if p.cfg.Auth == nil {
+		return nil
+	}
+	if !s.tls && !p.cfg.AllowInsecureAuth {
+		return fmt.Errorf("auth: %w, and credentials are never sent in clear text", ErrTLSUnavailable)
+	}
+	ok, mechs := s.client.Extension("AUTH")
+	if !ok {
+		return fmt.Errorf("auth: %w: no AUTH in EHLO reply", ErrAuthUnavailable)
+	}
+	sc, err := p.cfg.Auth.SASLClient(ctx, strings.Fields(mechs))
+	if err != nil {
+		return fmt.Errorf("auth: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { s.client.Close() })
+	defer stop()
+	if err := s.client.Auth(sc); err != nil {
+		return fmt.Errorf("auth: %w", err)
+	}
+	p.stats.auths.Add(1)
+	return nil
+}
