@@ -79,14 +79,20 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 			}
 			return nil, err
 		}
+		s := res.Value()
+		if !s.lent {
+			// Just dialled: nothing to check.
+			s.lent = true
+			return &Conn{res: res, pool: p}, nil
+		}
 		if reason := p.retireReason(res, false); reason != closeNone {
 			p.destroy(res, reason)
 			continue
 		}
 		if res.IdleDuration() > p.cfg.PingAfterIdle {
-			if err := res.Value().client.Noop(); err != nil {
-				p.log.Debug("upstream session failed NOOP", "session", res.Value().id, "err", err)
-				res.Value().broken = true
+			if err := s.client.Noop(); err != nil {
+				p.log.Debug("upstream session failed NOOP", "session", s.id, "err", err)
+				s.broken = true
 				p.destroy(res, closeBroken)
 				continue
 			}

@@ -39,6 +39,7 @@ type session struct {
 	client   *smtp.Client
 	conn     *trackedConn
 	tls      bool
+	lent     bool // has been acquired at least once
 	messages int  // messages that reached the end of DATA
 	dirty    bool // a transaction was started and not finished
 	broken   bool // an I/O error or 421: never reuse

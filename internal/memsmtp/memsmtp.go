@@ -77,9 +77,11 @@ type Options struct {
 	// when ImplicitTLS is set.
 	TLS         *tls.Config
 	ImplicitTLS bool
-	// Username and Password, if set, are required with AUTH PLAIN or LOGIN
-	// before MAIL.
+	// Username and Password, if set, are required with AUTH before MAIL.
 	Username, Password string
+	// AuthMechanisms are those offered when Username is set; default PLAIN
+	// and LOGIN.
+	AuthMechanisms []string
 	// MaxMessageBytes is advertised with SIZE and enforced; default 0, none.
 	MaxMessageBytes int64
 	// Hide removes these extensions (such as "8BITMIME" or "SMTPUTF8") from
@@ -98,6 +100,10 @@ type Stats struct {
 	MaxOpen  int64 // most connections open at once
 	Auths    int64 // successful AUTH exchanges
 	Messages int64 // messages accepted
+	// Commands counts the command lines received, by verb ("EHLO",
+	// "RSET", ...). Lines of message bodies are counted too, so tests
+	// should send bodies whose lines do not start with a verb.
+	Commands map[string]int64
 }
 
 // Server is a running in-memory SMTP server.
@@ -115,6 +121,8 @@ type Server struct {
 	mu       sync.Mutex
 	faults   map[Command][]Fault
 	messages []Message
+	commands map[string]int64
+	live     map[*conn]struct{}
 }
 
 // Start listens and serves until Close.
@@ -126,12 +134,14 @@ func Start(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", opts.Addr, err)
 	}
-	s := &Server{Addr: ln.Addr().String(), opts: opts, done: make(chan struct{}), faults: map[Command][]Fault{}}
+	s := &Server{Addr: ln.Addr().String(), opts: opts, done: make(chan struct{}),
+		faults: map[Command][]Fault{}, commands: map[string]int64{}, live: map[*conn]struct{}{}}
 	s.srv = smtp.NewServer(smtp.BackendFunc(s.newSession))
 	s.srv.Domain = "memsmtp.test"
 	s.srv.MaxMessageBytes = opts.MaxMessageBytes
 	s.srv.AllowInsecureAuth = true
 	s.srv.EnableSMTPUTF8 = true
+	s.srv.Debug = commandCounter{s}
 	s.srv.ErrorLog = opts.ErrorLog
 	if s.srv.ErrorLog == nil {
 		s.srv.ErrorLog = log.New(io.Discard, "", 0)
@@ -183,9 +193,43 @@ func (s *Server) Messages() []Message {
 // Stats returns the server's counters.
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
-	n := int64(len(s.messages))
+	defer s.mu.Unlock()
+	cmds := make(map[string]int64, len(s.commands))
+	for k, v := range s.commands {
+		cmds[k] = v
+	}
+	return Stats{Conns: s.conns.Load(), Open: s.open.Load(), MaxOpen: s.maxOpen.Load(),
+		Auths: s.auths.Load(), Messages: int64(len(s.messages)), Commands: cmds}
+}
+
+// CloseConns closes every open connection, as a server restart would, and
+// keeps listening.
+func (s *Server) CloseConns() {
+	s.mu.Lock()
+	live := make([]*conn, 0, len(s.live))
+	for c := range s.live {
+		live = append(live, c)
+	}
 	s.mu.Unlock()
-	return Stats{Conns: s.conns.Load(), Open: s.open.Load(), MaxOpen: s.maxOpen.Load(), Auths: s.auths.Load(), Messages: n}
+	for _, c := range live {
+		c.Close()
+	}
+}
+
+// commandCounter receives go-smtp's debug copy of all traffic and counts
+// the lines that start with a command verb. Replies start with a digit.
+type commandCounter struct{ s *Server }
+
+func (cc commandCounter) Write(b []byte) (int, error) {
+	cc.s.mu.Lock()
+	defer cc.s.mu.Unlock()
+	for _, line := range bytes.Split(b, []byte("\r\n")) {
+		verb, _, _ := bytes.Cut(line, []byte(" "))
+		if len(verb) >= 4 && len(verb) <= 8 && bytes.Equal(verb, bytes.ToUpper(verb)) && verb[0] >= 'A' && verb[0] <= 'Z' {
+			cc.s.commands[string(verb)]++
+		}
+	}
+	return len(b), nil
 }
 
 func (s *Server) deliver(m Message) {
@@ -212,6 +256,9 @@ func (l *listener) Accept() (net.Conn, error) {
 		}
 		s := l.s
 		conn := &conn{Conn: c, s: s, id: s.conns.Add(1), hide: s.opts.Hide}
+		s.mu.Lock()
+		s.live[conn] = struct{}{}
+		s.mu.Unlock()
 		open := s.open.Add(1)
 		for {
 			max := s.maxOpen.Load()
@@ -219,7 +266,12 @@ func (l *listener) Accept() (net.Conn, error) {
 				break
 			}
 		}
-		if f := s.nextFault(Banner); f != nil {
+		f := s.nextFault(Banner)
+		if f != nil && f.Reply == nil && !f.Drop {
+			conn.greetDelay = f.Delay // a slow greeting, without blocking Accept
+			f = nil
+		}
+		if f != nil {
 			time.Sleep(f.Delay)
 			if f.Reply != nil {
 				fmt.Fprintf(conn, "%d %d.%d.%d %s\r\n", f.Reply.Code, f.Reply.EnhancedCode[0],
@@ -242,10 +294,17 @@ type conn struct {
 	id        int64
 	hide      []string
 	closeOnce sync.Once
+
+	greetDelay time.Duration // delays the first write, the greeting
 }
 
 func (c *conn) Close() error {
-	c.closeOnce.Do(func() { c.s.open.Add(-1) })
+	c.closeOnce.Do(func() {
+		c.s.open.Add(-1)
+		c.s.mu.Lock()
+		delete(c.s.live, c)
+		c.s.mu.Unlock()
+	})
 	return c.Conn.Close()
 }
 
@@ -253,6 +312,10 @@ func (c *conn) Close() error {
 // flushes each reply line separately, and never ends the reply with one of
 // these, so a line can be dropped whole.
 func (c *conn) Write(b []byte) (int, error) {
+	if d := c.greetDelay; d > 0 {
+		c.greetDelay = 0
+		time.Sleep(d)
+	}
 	for _, ext := range c.hide {
 		if bytes.HasPrefix(b, []byte("250-"+ext)) {
 			return len(b), nil
@@ -306,6 +369,9 @@ func (ss *session) apply(f *Fault) error {
 func (ss *session) AuthMechanisms() []string {
 	if ss.s.opts.Username == "" {
 		return nil
+	}
+	if ss.s.opts.AuthMechanisms != nil {
+		return ss.s.opts.AuthMechanisms
 	}
 	return []string{sasl.Plain, sasl.Login}
 }
@@ -366,7 +432,7 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	m := ss.msg
 	m.Data = data
-	if f == nil || f.Deliver {
+	if f == nil || f.Deliver || (f.Reply == nil && !f.Drop) {
 		ss.s.deliver(m)
 	}
 	return ss.apply(f)

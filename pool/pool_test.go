@@ -1,0 +1,442 @@
+package pool_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+)
+
+// startUpstream runs an in-memory upstream for the test.
+func startUpstream(t *testing.T, opts memsmtp.Options) *memsmtp.Server {
+	t.Helper()
+	up, err := memsmtp.Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	return up
+}
+
+// newPool makes a pool to up; cfg.Addr is filled in.
+func newPool(t *testing.T, up *memsmtp.Server, cfg pool.Config) *pool.Pool {
+	t.Helper()
+	cfg.Addr = up.Addr
+	if cfg.TLS == pool.TLSOpportunistic && cfg.TLSConfig == nil {
+		cfg.TLS = pool.TLSNone
+	}
+	p, err := pool.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func acquire(t *testing.T, p *pool.Pool) *pool.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := p.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("Acquire: %v", err)
+	}
+	return c
+}
+
+// send runs one whole transaction on c.
+func send(c *pool.Conn, id int) error {
+	if err := c.Mail("sender@example.com", nil); err != nil {
+		return err
+	}
+	if err := c.Rcpt("rcpt@example.com", nil); err != nil {
+		return err
+	}
+	return c.Data([]byte(fmt.Sprintf("Message-ID: <%d@test>\r\nSubject: test\r\n\r\nbody %d\r\n", id, id)))
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestSessionIsReusedAcrossTransactions(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{})
+	var ids []uint64
+	for i := range 3 {
+		c := acquire(t, p)
+		if err := send(c, i); err != nil {
+			t.Fatalf("send %d: %v", i, err)
+		}
+		ids = append(ids, c.ID())
+		c.Release()
+	}
+	if ids[0] != ids[1] || ids[1] != ids[2] {
+		t.Errorf("session IDs = %v, want one session reused", ids)
+	}
+	st := up.Stats()
+	if st.Conns != 1 || st.Messages != 3 || st.Commands["EHLO"] != 1 {
+		t.Errorf("upstream saw %d connections, %d messages, %d EHLO; want 1, 3, 1", st.Conns, st.Messages, st.Commands["EHLO"])
+	}
+	if st.Commands["RSET"] != 0 {
+		t.Errorf("upstream saw %d RSET after completed transactions, want 0", st.Commands["RSET"])
+	}
+}
+
+func TestMaxConnsIsAHardCap(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Data, repeat(memsmtp.Fault{Delay: 5 * time.Millisecond}, 60)...)
+	p := newPool(t, up, pool.Config{MaxConns: 3})
+	var wg sync.WaitGroup
+	errs := make(chan error, 60)
+	for i := range 60 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := p.Acquire(context.Background())
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Release()
+			if total := p.Stat().TotalSessions; total > 3 {
+				errs <- fmt.Errorf("pool has %d sessions, cap is 3", total)
+			}
+			errs <- send(c, i)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := up.Stats()
+	if st.MaxOpen > 3 || st.Messages != 60 {
+		t.Errorf("upstream saw at most %d concurrent connections and %d messages; want <= 3 and 60", st.MaxOpen, st.Messages)
+	}
+	if ps := p.Stat(); ps.SessionsOpened > 3 || ps.WaitedAcquires == 0 {
+		t.Errorf("Stat = %+v; want at most 3 sessions opened and some acquires that waited", ps)
+	}
+}
+
+func repeat(f memsmtp.Fault, n int) []memsmtp.Fault {
+	fs := make([]memsmtp.Fault, n)
+	for i := range fs {
+		fs[i] = f
+	}
+	return fs
+}
+
+// A session is destroyed, never reused, after any of these.
+func TestBrokenSessionIsDestroyed(t *testing.T) {
+	tests := []struct {
+		name  string
+		cmd   memsmtp.Command
+		fault memsmtp.Fault
+	}{
+		{"dropped at RCPT", memsmtp.Rcpt, memsmtp.Fault{Drop: true}},
+		{"421 at MAIL", memsmtp.Mail, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "closing"}}},
+		{"dropped in DATA", memsmtp.Data, memsmtp.Fault{Drop: true}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, memsmtp.Options{})
+			up.Inject(tt.cmd, tt.fault)
+			p := newPool(t, up, pool.Config{})
+			c := acquire(t, p)
+			first := c.ID()
+			if err := send(c, 1); err == nil {
+				t.Fatal("send succeeded despite the fault")
+			}
+			c.Release()
+			c = acquire(t, p)
+			defer c.Release()
+			if c.ID() == first {
+				t.Fatalf("broken session %d was reused", first)
+			}
+			if err := send(c, 2); err != nil {
+				t.Fatalf("send on a fresh session: %v", err)
+			}
+			if st := p.Stat(); st.ClosedBroken != 1 {
+				t.Errorf("ClosedBroken = %d, want 1", st.ClosedBroken)
+			}
+		})
+	}
+}
+
+func TestUnfinishedTransactionIsReset(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Rcpt, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}})
+	p := newPool(t, up, pool.Config{})
+	c := acquire(t, p)
+	if err := send(c, 1); err == nil {
+		t.Fatal("send succeeded despite RCPT 550")
+	}
+	first := c.ID()
+	c.Release()
+	c = acquire(t, p)
+	defer c.Release()
+	if c.ID() != first {
+		t.Errorf("healthy session was not reused after a rejected recipient")
+	}
+	if err := send(c, 2); err != nil {
+		t.Fatalf("send after RSET: %v", err)
+	}
+	if n := up.Stats().Commands["RSET"]; n != 1 {
+		t.Errorf("upstream saw %d RSET, want 1", n)
+	}
+}
+
+func TestIdleSessionIsCheckedWithNOOP(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{PingAfterIdle: time.Nanosecond})
+	c := acquire(t, p)
+	first := c.ID()
+	c.Release()
+	up.CloseConns() // the upstream restarts while the session idles
+	waitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
+
+	c = acquire(t, p)
+	defer c.Release()
+	if c.ID() == first {
+		t.Fatal("dead idle session was handed out")
+	}
+	if err := send(c, 1); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if st := p.Stat(); st.ClosedBroken != 1 || st.SessionsOpened != 2 {
+		t.Errorf("Stat = %+v, want 1 broken and 2 opened", st)
+	}
+}
+
+func TestSessionLimits(t *testing.T) {
+	tests := []struct {
+		name  string
+		cfg   pool.Config
+		conns int64 // for 6 messages
+		stat  func(pool.Stat) int64
+	}{
+		{"messages", pool.Config{MaxMessagesPerConn: 2}, 3, func(s pool.Stat) int64 { return s.ClosedMessages }},
+		{"lifetime", pool.Config{MaxConnLifetime: time.Nanosecond}, 6, func(s pool.Stat) int64 { return s.ClosedLifetime }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, memsmtp.Options{})
+			p := newPool(t, up, tt.cfg)
+			for i := range 6 {
+				c := acquire(t, p)
+				if err := send(c, i); err != nil {
+					t.Fatal(err)
+				}
+				c.Release()
+			}
+			waitFor(t, "retired sessions to close", func() bool { return tt.stat(p.Stat()) == tt.conns })
+			waitFor(t, "upstream connections to close", func() bool { return up.Stats().Open == 0 })
+			st := up.Stats()
+			if st.Conns != tt.conns || st.Messages != 6 {
+				t.Errorf("upstream saw %d connections and %d messages, want %d and 6", st.Conns, st.Messages, tt.conns)
+			}
+			if st.Commands["QUIT"] != tt.conns {
+				t.Errorf("upstream saw %d QUIT, want %d: retired sessions close politely", st.Commands["QUIT"], tt.conns)
+			}
+		})
+	}
+}
+
+func TestHealthCheckClosesIdleSessions(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MaxConnIdleTime: 20 * time.Millisecond, HealthCheckPeriod: 10 * time.Millisecond})
+	c := acquire(t, p)
+	c.Release()
+	waitFor(t, "the idle session to close", func() bool { return p.Stat().TotalSessions == 0 })
+	waitFor(t, "the upstream connection to close", func() bool { return up.Stats().Open == 0 })
+	if st := p.Stat(); st.ClosedIdle != 1 {
+		t.Errorf("ClosedIdle = %d, want 1", st.ClosedIdle)
+	}
+	if n := up.Stats().Commands["QUIT"]; n != 1 {
+		t.Errorf("upstream saw %d QUIT, want 1", n)
+	}
+}
+
+func TestCloseQuitsSessionsAndRefusesAcquire(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{})
+	c1, c2 := acquire(t, p), acquire(t, p)
+	c1.Release()
+	closed := make(chan struct{})
+	go func() { p.Close(); close(closed) }()
+	c2.Release() // Close waits for this one
+	<-closed
+	if st := up.Stats(); st.Commands["QUIT"] != 2 || st.Open != 0 {
+		t.Errorf("after Close: %d QUIT, %d open; want 2 and 0", st.Commands["QUIT"], st.Open)
+	}
+	if _, err := p.Acquire(context.Background()); !errors.Is(err, pool.ErrClosed) {
+		t.Errorf("Acquire after Close: %v, want ErrClosed", err)
+	}
+}
+
+func TestAcquireWaitsForAFreeSessionUntilContextEnds(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MaxConns: 1})
+	held := acquire(t, p)
+	heldID := held.ID()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := p.Acquire(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Acquire with the only session held: %v, want context.DeadlineExceeded", err)
+	}
+	got := make(chan *pool.Conn)
+	go func() { got <- acquire(t, p) }()
+	held.Release()
+	c := <-got
+	defer c.Release()
+	if c.ID() != heldID {
+		t.Errorf("waiter got session %d, want the released %d", c.ID(), heldID)
+	}
+}
+
+func TestConnectFailures(t *testing.T) {
+	tests := []struct {
+		name    string
+		fault   memsmtp.Fault
+		cfg     pool.Config
+		want421 bool
+	}{
+		{name: "421 banner", fault: memsmtp.Fault{Reply: &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "too many connections"}}, want421: true},
+		{name: "silent server", fault: memsmtp.Fault{Delay: 2 * time.Second}, cfg: pool.Config{ConnectTimeout: 50 * time.Millisecond}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, memsmtp.Options{})
+			up.Inject(memsmtp.Banner, tt.fault)
+			p := newPool(t, up, tt.cfg)
+			_, err := p.Acquire(context.Background())
+			var smtpErr *smtp.SMTPError
+			if err == nil || errors.As(err, &smtpErr) != tt.want421 || (tt.want421 && smtpErr.Code != 421) {
+				t.Fatalf("Acquire: %v; want a 421: %v", err, tt.want421)
+			}
+			if st := p.Stat(); st.ConnectFailures != 1 || st.TotalSessions != 0 {
+				t.Errorf("Stat = %+v, want 1 connect failure and no session", st)
+			}
+			c := acquire(t, p) // the next try dials again and succeeds
+			c.Release()
+		})
+	}
+}
+
+func TestAuth(t *testing.T) {
+	serverTLS, roots, err := memsmtp.SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientTLS := &tls.Config{RootCAs: roots}
+	good := pool.PasswordAuth{Username: "app", Password: "s3cret"}
+	tests := []struct {
+		name     string
+		upstream memsmtp.Options
+		cfg      pool.Config
+		wantErr  error // nil, or a sentinel, or an *smtp.SMTPError code in wantCode
+		wantCode int
+	}{
+		{name: "PLAIN over STARTTLS", upstream: memsmtp.Options{TLS: serverTLS, Username: "app", Password: "s3cret"},
+			cfg: pool.Config{TLS: pool.TLSStartTLS, TLSConfig: clientTLS, Auth: good}},
+		{name: "LOGIN when PLAIN is not offered", upstream: memsmtp.Options{TLS: serverTLS, Username: "app", Password: "s3cret", AuthMechanisms: []string{"LOGIN"}},
+			cfg: pool.Config{TLS: pool.TLSStartTLS, TLSConfig: clientTLS, Auth: good}},
+		{name: "implicit TLS", upstream: memsmtp.Options{TLS: serverTLS, ImplicitTLS: true, Username: "app", Password: "s3cret"},
+			cfg: pool.Config{TLS: pool.TLSImplicit, TLSConfig: clientTLS, Auth: good}},
+		{name: "wrong password", upstream: memsmtp.Options{TLS: serverTLS, Username: "app", Password: "other"},
+			cfg: pool.Config{TLS: pool.TLSStartTLS, TLSConfig: clientTLS, Auth: good}, wantCode: 535},
+		{name: "no credentials in clear text", upstream: memsmtp.Options{Username: "app", Password: "s3cret"},
+			cfg: pool.Config{TLS: pool.TLSOpportunistic, TLSConfig: clientTLS, Auth: good}, wantErr: pool.ErrTLSUnavailable},
+		{name: "clear text when allowed", upstream: memsmtp.Options{Username: "app", Password: "s3cret"},
+			cfg: pool.Config{TLS: pool.TLSNone, Auth: good, AllowInsecureAuth: true}},
+		{name: "no AUTH offered", upstream: memsmtp.Options{TLS: serverTLS},
+			cfg: pool.Config{TLS: pool.TLSStartTLS, TLSConfig: clientTLS, Auth: good}, wantErr: pool.ErrAuthUnavailable},
+		{name: "STARTTLS required but not offered", upstream: memsmtp.Options{},
+			cfg: pool.Config{TLS: pool.TLSStartTLS, TLSConfig: clientTLS}, wantErr: pool.ErrTLSUnavailable},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, tt.upstream)
+			p := newPool(t, up, tt.cfg)
+			c, err := p.Acquire(context.Background())
+			var smtpErr *smtp.SMTPError
+			switch {
+			case tt.wantErr != nil && !errors.Is(err, tt.wantErr):
+				t.Fatalf("Acquire: %v, want %v", err, tt.wantErr)
+			case tt.wantCode != 0 && (!errors.As(err, &smtpErr) || smtpErr.Code != tt.wantCode):
+				t.Fatalf("Acquire: %v, want an SMTP %d", err, tt.wantCode)
+			case tt.wantErr == nil && tt.wantCode == 0 && err != nil:
+				t.Fatalf("Acquire: %v", err)
+			}
+			if err != nil {
+				return
+			}
+			if wantTLS := tt.cfg.TLS != pool.TLSNone; c.TLS() != wantTLS {
+				t.Errorf("session TLS = %v, want %v", c.TLS(), wantTLS)
+			}
+			for i := range 2 {
+				if err := send(c, i); err != nil {
+					t.Fatal(err)
+				}
+				c.Release()
+				c = acquire(t, p)
+			}
+			c.Release()
+			if st := up.Stats(); st.Auths != 1 || st.Messages != 2 {
+				t.Errorf("upstream saw %d AUTH for %d messages, want 1 for 2", st.Auths, st.Messages)
+			}
+		})
+	}
+}
+
+func TestOpportunisticTLSFallsBackToPlainTextOnce(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p, err := pool.New(pool.Config{Addr: up.Addr, MaxConns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c1, c2 := acquire(t, p), acquire(t, p)
+	defer c1.Release()
+	defer c2.Release()
+	if c1.TLS() || c2.TLS() {
+		t.Fatal("session claims TLS with an upstream that has none")
+	}
+	if err := send(c1, 1); err != nil {
+		t.Fatal(err)
+	}
+	// The first session dialled twice (STARTTLS refused, then plain); the
+	// second knew better.
+	if n := up.Stats().Conns; n != 3 {
+		t.Errorf("upstream saw %d connections for 2 sessions, want 3", n)
+	}
+}
+
+func TestPasswordNeverPrinted(t *testing.T) {
+	a := pool.PasswordAuth{Username: "app", Password: "s3cret"}
+	for _, s := range []string{fmt.Sprint(a), fmt.Sprintf("%v %+v", a, a), a.LogValue().String()} {
+		if strings.Contains(s, "s3cret") {
+			t.Errorf("password printed: %s", s)
+		}
+	}
+}
