@@ -26,10 +26,11 @@ var ErrClosed = errors.New("pool closed")
 
 // Pool is a set of upstream SMTP sessions. It is safe for concurrent use.
 type Pool struct {
-	cfg   Config
-	log   *slog.Logger
-	p     *puddle.Pool[*session]
-	stats counters
+	cfg     Config
+	log     *slog.Logger
+	p       *puddle.Pool[*session]
+	stats   counters
+	waiting atomic.Int32 // Acquire calls in progress
 
 	// noStartTLS records that the upstream did not offer STARTTLS, so that
 	// opportunistic mode stops trying it on every new session.
@@ -71,6 +72,8 @@ func New(cfg Config) (*Pool, error) {
 // handshake when a new session could not be set up, and ErrClosed after
 // Close. The caller must Release the Conn.
 func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
+	p.waiting.Add(1)
+	defer p.waiting.Add(-1)
 	for {
 		res, err := p.p.Acquire(ctx)
 		if err != nil {

@@ -26,6 +26,9 @@ type Stat struct {
 	IdleSessions int32
 	// ConnectingSessions is the number of sessions being dialled now.
 	ConnectingSessions int32
+	// PendingAcquires is the number of Acquire calls waiting now, for a
+	// session to be released or dialled: the backpressure queue.
+	PendingAcquires int32
 
 	// Acquires counts successful acquisitions of a session.
 	Acquires int64
@@ -70,6 +73,7 @@ func (p *Pool) Stat() Stat {
 		AcquiredSessions:   ps.AcquiredResources(),
 		IdleSessions:       ps.IdleResources(),
 		ConnectingSessions: ps.ConstructingResources(),
+		PendingAcquires:    p.waiting.Load(),
 		Acquires:           ps.AcquireCount(),
 		WaitedAcquires:     ps.EmptyAcquireCount(),
 		WaitTime:           ps.EmptyAcquireWaitTime(),

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"crypto/tls"
 	"errors"
 	"math/rand/v2"
@@ -24,10 +25,14 @@ var (
 		Message: "smtppool is shutting down; try again later"}
 	replyClientRead = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Error reading the message"}
-	replyNoSMTPUTF8 = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7},
-		Message: "The upstream server does not support SMTPUTF8"}
+	replyLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
+		Message: "Message has a line longer than the SMTP limit"}
+	replyNoSMTPUTF8Address = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7},
+		Message: "Non-ASCII address, and the upstream server does not support SMTPUTF8"}
+	replyNoSMTPUTF8Header = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 9},
+		Message: "Non-ASCII header, and the upstream server does not support SMTPUTF8"}
 	replyNo8BitMIME = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 3},
-		Message: "The upstream server does not support 8BITMIME, and the message is not converted"}
+		Message: "8-bit message, and the upstream server does not support 8BITMIME; smtppool does not convert messages"}
 	replyTooBigUpstream = &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 		Message: "Message size exceeds the upstream server's limit"}
 )
@@ -97,21 +102,63 @@ func backoff(failures int, base, max time.Duration) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
-// checkMailOptions refuses MAIL parameters that the upstream session cannot
-// carry, rather than dropping them and altering the message.
-func checkMailOptions(c *pool.Conn, opts *smtp.MailOptions) error {
-	if opts.UTF8 {
-		if ok, _ := c.Extension("SMTPUTF8"); !ok {
-			return replyNoSMTPUTF8
+// The checks below fit a transaction to the upstream's extensions. A
+// parameter the upstream lacks is left out only where that changes nothing
+// (SMTPUTF8 on an all-ASCII message, BODY=8BITMIME on a 7-bit one, SIZE);
+// otherwise the client gets an error, and the message is never altered.
+
+// upstreamMailOptions returns the MAIL parameters to send upstream for a
+// transaction from from with opts, or the client's error.
+func upstreamMailOptions(c *pool.Conn, from string, opts smtp.MailOptions) (*smtp.MailOptions, error) {
+	if opts.UTF8 && !hasExtension(c, "SMTPUTF8") {
+		if !isASCII(from) {
+			return nil, replyNoSMTPUTF8Address
 		}
-	}
-	if opts.Body == smtp.Body8BitMIME {
-		if ok, _ := c.Extension("8BITMIME"); !ok {
-			return replyNo8BitMIME
-		}
+		opts.UTF8 = false
 	}
 	if max, ok := c.MaxMessageSize(); ok && opts.Size > max {
-		return replyTooBigUpstream
+		return nil, replyTooBigUpstream
+	}
+	// go-smtp's client declares BODY=8BITMIME itself whenever the upstream
+	// offers it; checkMessage refuses 8-bit data when it does not.
+	opts.Body = ""
+	return &opts, nil
+}
+
+// checkRecipient refuses a non-ASCII address the upstream cannot take.
+func checkRecipient(c *pool.Conn, to string) error {
+	if !isASCII(to) && !hasExtension(c, "SMTPUTF8") {
+		return replyNoSMTPUTF8Address
 	}
 	return nil
+}
+
+// checkMessage refuses 8-bit data for an upstream without 8BITMIME, and
+// non-ASCII headers for one without SMTPUTF8.
+func checkMessage(c *pool.Conn, msg []byte) error {
+	if isASCII(msg) {
+		return nil
+	}
+	if !hasExtension(c, "8BITMIME") {
+		return replyNo8BitMIME
+	}
+	header, _, _ := bytes.Cut(msg, []byte("\r\n\r\n"))
+	if !isASCII(header) && !hasExtension(c, "SMTPUTF8") {
+		return replyNoSMTPUTF8Header
+	}
+	return nil
+}
+
+func hasExtension(c *pool.Conn, name string) bool {
+	ok, _ := c.Extension(name)
+	return ok
+}
+
+func isASCII[T string | []byte](s T) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
 }

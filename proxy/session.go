@@ -66,7 +66,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 
 // Rcpt relays RCPT TO; the client hears the upstream's verdict.
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
-	err := s.relay("RCPT", func(c *pool.Conn) error { return c.Rcpt(to, opts) })
+	err := s.relay("RCPT", func(c *pool.Conn) error {
+		if err := checkRecipient(c, to); err != nil {
+			return err
+		}
+		return c.Rcpt(to, opts)
+	})
 	if err != nil {
 		return err
 	}
@@ -82,12 +87,20 @@ func (s *session) Data(r io.Reader) error {
 	defer s.b.putBuffer(buf)
 	if _, err := buf.ReadFrom(r); err != nil {
 		var smtpErr *smtp.SMTPError
-		if errors.As(err, &smtpErr) {
+		switch {
+		case errors.As(err, &smtpErr):
 			return smtpErr // 552 5.3.4 from go-smtp's size limit
+		case errors.Is(err, smtp.ErrTooLongLine):
+			return replyLineTooLong
 		}
 		return replyClientRead
 	}
-	err := s.relay("DATA", func(c *pool.Conn) error { return c.Data(buf.Bytes()) })
+	err := s.relay("DATA", func(c *pool.Conn) error {
+		if err := checkMessage(c, buf.Bytes()); err != nil {
+			return err
+		}
+		return c.Data(buf.Bytes())
+	})
 	if err == nil && s.b.log.Enabled(context.Background(), slog.LevelDebug) {
 		s.b.log.Debug("message relayed", "client", s.client, "from", s.tx.from,
 			"rcpts", len(s.tx.rcpts), "bytes", buf.Len(), "attempts", s.tx.failures+1,
@@ -196,10 +209,11 @@ func (s *session) acquire() (*pool.Conn, error) {
 // a freshly borrowed session.
 func (s *session) replay(c *pool.Conn) error {
 	tx := s.tx
-	if err := checkMailOptions(c, &tx.opts); err != nil {
+	opts, err := upstreamMailOptions(c, tx.from, tx.opts)
+	if err != nil {
 		return err
 	}
-	if err := c.Mail(tx.from, &tx.opts); err != nil {
+	if err := c.Mail(tx.from, opts); err != nil {
 		return err
 	}
 	for _, r := range tx.rcpts {

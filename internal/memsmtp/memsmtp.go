@@ -38,7 +38,7 @@ const (
 // whatever connection reaches it first.
 type Fault struct {
 	// Delay waits this long before answering; at Data, after reading the
-	// whole message.
+	// whole message and before keeping it.
 	Delay time.Duration
 	// Reply answers with this error instead of accepting.
 	Reply *smtp.SMTPError
@@ -160,6 +160,7 @@ func Start(opts Options) (*Server, error) {
 // Close stops the server and closes every connection.
 func (s *Server) Close() error {
 	err := s.srv.Close()
+	s.ln.Close() // in case Serve had not registered it with srv yet
 	<-s.done
 	return err
 }
@@ -432,9 +433,15 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	m := ss.msg
 	m.Data = data
-	if f == nil || f.Deliver || (f.Reply == nil && !f.Drop) {
+	if f == nil {
+		ss.s.deliver(m)
+		return nil
+	}
+	time.Sleep(f.Delay)
+	if f.Deliver || (f.Reply == nil && !f.Drop) {
 		ss.s.deliver(m)
 	}
+	f.Delay = 0
 	return ss.apply(f)
 }
 

@@ -1,0 +1,94 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBurst is the users' case. An @all in a 260-person team makes the chat
+// server open 260 connections at once, one per email, to an upstream that
+// allows 20 concurrent connections per client. Without the proxy the
+// upstream refuses most of them with 421, and the chat server loses those
+// emails; through smtppool, capped at 10 upstream connections, every email
+// is accepted and delivered exactly once.
+func TestBurst(t *testing.T) {
+	const (
+		clients  = 260
+		limit    = 20 // the upstream's per-client connection limit
+		maxConns = 10 // SMTPPOOL_MAX_CONNS, below the limit
+	)
+	pf := startPostfix(t, postfixOptions{Limit: limit})
+
+	// 1. Without the proxy: all 260 connections open and greeted before any
+	// sends, so that they are truly concurrent.
+	direct := newMessages("burst-direct", clients)
+	results := sendBurst(pf.Addr, direct, burstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
+	refused := count(results, func(r mailResult) bool { return r.Stage == stageGreeting && r.Code == 421 })
+	accepted := count(results, mailResult.Accepted)
+	t.Logf("direct: %d/%d refused 421 at the greeting, %d accepted; replies: %s",
+		refused, clients, accepted, tally(results))
+	if refused == 0 {
+		t.Fatalf("direct: no client was refused with 421, so this test does not reproduce the users' problem; replies: %s", tally(results))
+	}
+	if accepted > limit {
+		t.Errorf("direct: %d clients were accepted, more than the upstream's limit of %d", accepted, limit)
+	}
+	if n := count(results, mailResult.NoReply); n > 0 {
+		t.Errorf("direct: %d clients got no reply:\n%s", n, examples(results, 5, mailResult.NoReply))
+	}
+	t.Logf("direct: upstream log has %d %q lines",
+		strings.Count(pf.Log(), "Connection concurrency limit exceeded"), "Connection concurrency limit exceeded")
+
+	// 2. The same burst through smtppool.
+	logStart := pf.LogSize()
+	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(maxConns)})
+	sampler := sampleConns(t, pf.Port)
+	msgs := newMessages("burst-proxy", clients)
+	start := time.Now()
+	results = sendBurst(proxy.Addr, msgs, burstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
+	elapsed := time.Since(start)
+	accepted = count(results, mailResult.Accepted)
+	t.Logf("via proxy: %d/%d clients got 250 in %v; replies: %s", accepted, clients, elapsed.Round(time.Millisecond), tally(results))
+	if accepted != clients {
+		t.Errorf("via proxy: only %d/%d clients got 250; replies: %s; examples:\n%s", accepted, clients, tally(results),
+			examples(results, 5, func(r mailResult) bool { return !r.Accepted() }))
+	}
+
+	var acked []testMessage
+	for _, r := range results {
+		if r.Accepted() {
+			acked = append(acked, r.Msg)
+		}
+	}
+	box := waitDelivered(t, pf, acked, 60*time.Second)
+	once, missing, duplicated := copies(box, msgs)
+	maxSeen, samples, err := sampler.Stop()
+	if err != nil {
+		t.Errorf("sampling upstream connections: %v", err)
+	}
+	upLog := pf.LogSince(logStart)
+	limitRefusals := strings.Count(upLog, "Connection concurrency limit exceeded")
+	upstreamConns := strings.Count(upLog, ": connect from ")
+	t.Logf("via proxy: %d/%d delivered exactly once, %d missing, %d duplicated; "+
+		"upstream: %d connection-limit refusals, %d connections accepted; max upstream conns %d (cap %d) over %d samples; "+
+		"proxy opened %d upstream sessions",
+		once, clients, missing, duplicated, limitRefusals, upstreamConns, maxSeen, maxConns, samples,
+		proxy.Count("upstream session opened"))
+
+	if once != clients {
+		t.Errorf("via proxy: %d/%d messages in the mailbox exactly once; %d missing, %d duplicated", once, clients, missing, duplicated)
+	}
+	if limitRefusals > 0 {
+		t.Errorf("via proxy: the upstream refused %d connections for the connection limit", limitRefusals)
+	}
+	if maxSeen > maxConns {
+		t.Errorf("via proxy: sampled %d upstream connections at once, above SMTPPOOL_MAX_CONNS=%d", maxSeen, maxConns)
+	}
+	if maxSeen == 0 {
+		t.Errorf("via proxy: the sampler never saw an upstream connection in %d samples, so it proves nothing", samples)
+	}
+}

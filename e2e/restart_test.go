@@ -1,0 +1,124 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"testing"
+	"time"
+)
+
+// TestUpstreamRestartMidBurst stops the Postfix upstream one second into a
+// burst of 300 messages, each over its own client connection, and starts it
+// again two seconds later. The proxy runs with the default retry settings.
+// Every message a client was told 250 for must be delivered; every other
+// client must have been told 4xx (try again later), never 5xx, and none may
+// hang or lose its connection.
+func TestUpstreamRestartMidBurst(t *testing.T) {
+	const (
+		clients = 300
+		spacing = 15 * time.Millisecond // the burst lasts 4.5 s
+		stopAt  = 1 * time.Second
+		downFor = 2 * time.Second
+	)
+	pf := startPostfix(t, postfixOptions{})
+	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": "10"})
+	msgs := newMessages("restart", clients)
+
+	// The restart runs beside the burst; it reports when it stopped and
+	// started Postfix, relative to the start of the burst.
+	type restart struct {
+		stopIssued, stopped, started time.Duration
+		err                          error
+	}
+	restarted := make(chan restart, 1)
+	begin := time.Now()
+	go func() {
+		var r restart
+		defer func() { restarted <- r }()
+		time.Sleep(time.Until(begin.Add(stopAt)))
+		r.stopIssued = time.Since(begin)
+		if r.err = pf.stop(); r.err != nil {
+			return
+		}
+		r.stopped = time.Since(begin)
+		time.Sleep(time.Until(begin.Add(r.stopIssued + downFor)))
+		if r.err = pf.start(); r.err != nil {
+			return
+		}
+		r.started = time.Since(begin)
+	}()
+
+	results := sendBurst(proxy.Addr, msgs, burstOptions{Spacing: spacing, Timeout: 60 * time.Second})
+	burstTime := time.Since(begin)
+	rs := <-restarted
+	if rs.err != nil {
+		t.Fatalf("restarting postfix: %v", rs.err)
+	}
+	t.Logf("burst of %d clients over %v; postfix stop issued at %v, stopped (status) at %v, started and listening again at %v",
+		clients, burstTime.Round(time.Millisecond), rs.stopIssued.Round(time.Millisecond),
+		rs.stopped.Round(time.Millisecond), rs.started.Round(time.Millisecond))
+
+	var acked []testMessage
+	var ackedBefore, ackedDuring, ackedAfter int
+	for _, r := range results {
+		if !r.Accepted() {
+			continue
+		}
+		acked = append(acked, r.Msg)
+		switch at := r.End.Sub(begin); {
+		case at < rs.stopIssued:
+			ackedBefore++
+		case at < rs.started:
+			ackedDuring++
+		default:
+			ackedAfter++
+		}
+	}
+	transient := count(results, func(r mailResult) bool { return r.Err == nil && r.Code >= 400 && r.Code < 500 })
+	permanent := count(results, func(r mailResult) bool { return r.Err == nil && r.Code >= 500 })
+	noReply := count(results, mailResult.NoReply)
+	var slowest time.Duration
+	for _, r := range results {
+		slowest = max(slowest, r.End.Sub(r.Start))
+	}
+	t.Logf("clients: %d got 250 (%d before the stop, %d between the stop and the start, %d after the start), %d got 4xx, %d got 5xx, %d no reply or hung; slowest client %v; replies: %s",
+		len(acked), ackedBefore, ackedDuring, ackedAfter, transient, permanent, noReply, slowest.Round(time.Millisecond), tally(results))
+
+	if noReply > 0 {
+		t.Errorf("%d clients got no reply (dropped or hung):\n%s", noReply, examples(results, 5, mailResult.NoReply))
+	}
+	if permanent > 0 {
+		t.Errorf("%d clients got a permanent 5xx for a transient outage:\n%s", permanent, examples(results, 5,
+			func(r mailResult) bool { return r.Err == nil && r.Code >= 500 }))
+	}
+	if bad := clients - len(acked) - transient - permanent - noReply; bad != 0 {
+		t.Errorf("%d clients ended neither with 250 nor with an error reply:\n%s", bad, examples(results, 5,
+			func(r mailResult) bool { return r.Err == nil && !r.Accepted() && r.Code < 400 }))
+	}
+	if len(acked) == 0 {
+		t.Errorf("no client got 250")
+	}
+
+	// Postfix may hold acknowledged messages in its queue across the
+	// restart; waitDelivered flushes it.
+	box := waitDelivered(t, pf, acked, 90*time.Second)
+	once, missing, duplicated := copies(box, acked)
+	var unacked []testMessage
+	for _, r := range results {
+		if !r.Accepted() {
+			unacked = append(unacked, r.Msg)
+		}
+	}
+	_, _, unackedDup := copies(box, unacked)
+	unackedOnce, unackedMissing, _ := copies(box, unacked)
+	t.Logf("upstream: %d/%d acknowledged messages delivered exactly once, %d missing, %d duplicated; "+
+		"%d not acknowledged but delivered anyway (%d more than once), %d not delivered; proxy logged %d retries, opened %d upstream sessions",
+		once, len(acked), missing, duplicated, unackedOnce+unackedDup, unackedDup, unackedMissing,
+		proxy.Count("transient upstream failure, retrying"), proxy.Count("upstream session opened"))
+	if missing > 0 {
+		t.Errorf("%d messages acknowledged with 250 are not in the mailbox", missing)
+	}
+	if duplicated > 0 {
+		t.Logf("note: %d acknowledged messages were delivered more than once: a retry after a reply lost in the restart", duplicated)
+	}
+}
