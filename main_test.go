@@ -1,0 +1,256 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+)
+
+func TestConfigDefaults(t *testing.T) {
+	cfg, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := config{
+		ListenAddr:         "127.0.0.1:2525",
+		UpstreamAddr:       "smtp.corp.example:587",
+		UpstreamTLS:        pool.TLSOpportunistic,
+		MaxConns:           5,
+		AcquireTimeout:     2 * time.Minute,
+		MaxAttempts:        4,
+		RetryBackoff:       250 * time.Millisecond,
+		RetryBackoffMax:    4 * time.Second,
+		MaxConnLifetime:    10 * time.Minute,
+		MaxConnIdleTime:    time.Minute,
+		MaxMessagesPerConn: 100,
+		ConnectTimeout:     30 * time.Second,
+		CommandTimeout:     time.Minute,
+		DataTimeout:        10 * time.Minute,
+		MaxMessageBytes:    33554432,
+		MaxRecipients:      100,
+		ClientTimeout:      5 * time.Minute,
+		ShutdownTimeout:    30 * time.Second,
+		LogFormat:          "json",
+	}
+	if cfg != want {
+		t.Errorf("defaults:\n got %+v\nwant %+v", cfg, want)
+	}
+}
+
+func TestConfigErrorsNameTheVariable(t *testing.T) {
+	base := []string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}
+	tests := []struct {
+		name string
+		env  []string
+		want string // the variable named in the error
+	}{
+		{"missing upstream", nil, "SMTPPOOL_UPSTREAM_ADDR"},
+		{"upstream without port", []string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example"}, "SMTPPOOL_UPSTREAM_ADDR"},
+		{"bad TLS mode", append(base, "SMTPPOOL_UPSTREAM_TLS=maybe"), "SMTPPOOL_UPSTREAM_TLS"},
+		{"bad number", append(base, "SMTPPOOL_MAX_CONNS=many"), "SMTPPOOL_MAX_CONNS"},
+		{"zero conns", append(base, "SMTPPOOL_MAX_CONNS=0"), "SMTPPOOL_MAX_CONNS"},
+		{"bad duration", append(base, "SMTPPOOL_ACQUIRE_TIMEOUT=2 minutes"), "SMTPPOOL_ACQUIRE_TIMEOUT"},
+		{"negative attempts", append(base, "SMTPPOOL_MAX_ATTEMPTS=-1"), "SMTPPOOL_MAX_ATTEMPTS"},
+		{"bad log level", append(base, "SMTPPOOL_LOG_LEVEL=loud"), "SMTPPOOL_LOG_LEVEL"},
+		{"bad log format", append(base, "SMTPPOOL_LOG_FORMAT=xml"), "SMTPPOOL_LOG_FORMAT"},
+		{"remote listener", append(base, "SMTPPOOL_LISTEN_ADDR=0.0.0.0:2525"), "SMTPPOOL_LISTEN_ADDR"},
+		{"user without password", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app"), "SMTPPOOL_UPSTREAM_PASSWORD"},
+		{"password without user", append(base, "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret"), "SMTPPOOL_UPSTREAM_USERNAME"},
+		{"credentials in clear text", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app", "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret", "SMTPPOOL_UPSTREAM_TLS=none"), "SMTPPOOL_UPSTREAM_TLS"},
+		{"password twice", append(base, "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret", "SMTPPOOL_UPSTREAM_PASSWORD_FILE=/etc/hostname"), "SMTPPOOL_UPSTREAM_PASSWORD_FILE"},
+		{"missing password file", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app", "SMTPPOOL_UPSTREAM_PASSWORD_FILE=/nonexistent"), "SMTPPOOL_UPSTREAM_PASSWORD_FILE"},
+		{"bad CA file", append(base, "SMTPPOOL_UPSTREAM_CA_FILE=/etc/hostname"), "SMTPPOOL_UPSTREAM_CA_FILE"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := loadConfig(tt.env, false)
+			if err == nil {
+				t.Fatal("loadConfig succeeded")
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tt.want) || strings.Contains(msg, "\n") {
+				t.Errorf("error %q does not name %s on one line", msg, tt.want)
+			}
+			if strings.Contains(msg, "pw-s3cret") {
+				t.Errorf("error %q shows the password", msg)
+			}
+		})
+	}
+}
+
+func TestConfigAccepts(t *testing.T) {
+	pwFile := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pwFile, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfig([]string{
+		"SMTPPOOL_UPSTREAM_ADDR=smtp.office365.com:587",
+		"SMTPPOOL_UPSTREAM_TLS=starttls",
+		"SMTPPOOL_UPSTREAM_USERNAME=app@corp.example",
+		"SMTPPOOL_UPSTREAM_PASSWORD_FILE=" + pwFile,
+		"SMTPPOOL_LISTEN_ADDR=[::1]:2525",
+		"SMTPPOOL_LOG_LEVEL=debug",
+	}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.UpstreamPassword != "s3cret" || cfg.UpstreamTLS != pool.TLSStartTLS {
+		t.Errorf("password %q, TLS %v; want the file's password without its newline, and starttls", cfg.UpstreamPassword, cfg.UpstreamTLS)
+	}
+	if _, err := loadConfig([]string{"SMTPPOOL_LISTEN_ADDR=0.0.0.0:2525", "SMTPPOOL_ALLOW_REMOTE_CLIENTS=true"}, true); err != nil {
+		t.Errorf("demo mode with an allowed remote listener: %v", err)
+	}
+}
+
+func TestUsageListsEveryVariableWithItsDefault(t *testing.T) {
+	var buf bytes.Buffer
+	printUsage(&buf)
+	out := buf.String()
+	for _, name := range []string{"SMTPPOOL_LISTEN_ADDR", "SMTPPOOL_UPSTREAM_ADDR", "SMTPPOOL_UPSTREAM_TLS",
+		"SMTPPOOL_UPSTREAM_USERNAME", "SMTPPOOL_UPSTREAM_PASSWORD", "SMTPPOOL_UPSTREAM_PASSWORD_FILE",
+		"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH", "SMTPPOOL_MAX_CONNS", "SMTPPOOL_ACQUIRE_TIMEOUT",
+		"SMTPPOOL_MAX_ATTEMPTS", "SMTPPOOL_MAX_CONN_LIFETIME", "SMTPPOOL_MAX_CONN_IDLE_TIME",
+		"SMTPPOOL_MAX_MESSAGES_PER_CONN", "SMTPPOOL_MAX_MESSAGE_BYTES", "SMTPPOOL_MAX_RECIPIENTS",
+		"SMTPPOOL_LOG_LEVEL", "SMTPPOOL_LOG_FORMAT"} {
+		if !strings.Contains(out, "  "+name+" (default ") {
+			t.Errorf("usage lacks %s with its default", name)
+		}
+	}
+	for _, v := range envVars() {
+		if v.help == "" || (v.def != "" && !strings.Contains(out, v.key+" (default "+v.def+")")) {
+			t.Errorf("usage of %s lacks its help or default %q", v.key, v.def)
+		}
+	}
+	if err := run(context.Background(), []string{"-h"}, nil, &buf); err == nil || !strings.Contains(err.Error(), "help") {
+		t.Errorf("run -h = %v, want flag.ErrHelp", err)
+	}
+}
+
+// syncBuffer collects a process's log while it runs.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// startRun runs the program with environ and waits for its listener; it
+// returns the listen address, the log, and a stop function that returns
+// run's error.
+func startRun(t *testing.T, args, environ []string) (addr string, log *syncBuffer, stop func() error) {
+	t.Helper()
+	log = &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, args, append(environ, "SMTPPOOL_LISTEN_ADDR=127.0.0.1:0", "SMTPPOOL_LOG_LEVEL=debug"), log)
+	}()
+	re := regexp.MustCompile(`"msg":"smtppool listening","addr":"([^"]+)"`)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(log.String()); m != nil {
+			addr = m[1]
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("run exited early: %v\n%s", err, log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no listening line in the log:\n%s", log.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	stopped := false
+	stop = func() error {
+		if stopped {
+			return nil
+		}
+		stopped = true
+		cancel()
+		return <-done
+	}
+	t.Cleanup(func() { stop() })
+	return addr, log, stop
+}
+
+func TestDemoModeRelaysToTheEmbeddedUpstream(t *testing.T) {
+	addr, log, stop := startRun(t, []string{"demo"}, nil)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := "Message-ID: <demo-1@test>\r\nSubject: hello\r\n\r\nsecret body text\r\n"
+	if err := c.SendMail("app@example.com", []string{"user@example.com"}, strings.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	out := log.String()
+	var found bool
+	for _, line := range strings.Split(out, "\n") {
+		var rec map[string]any
+		if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "demo upstream received a message" && rec["message_id"] == "<demo-1@test>" {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("the demo upstream did not log the message:\n%s", out)
+	}
+	if strings.Contains(out, "secret body text") {
+		t.Errorf("the log contains the message body")
+	}
+}
+
+func TestRunRelaysAndQuitsUpstreamSessionsOnShutdown(t *testing.T) {
+	up, err := memsmtp.Start(memsmtp.Options{Username: "app", Password: "pw-s3cret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	addr, log, stop := startRun(t, nil, []string{"SMTPPOOL_UPSTREAM_ADDR=" + up.Addr, "SMTPPOOL_UPSTREAM_TLS=none",
+		"SMTPPOOL_UPSTREAM_USERNAME=app", "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret", "SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH=true"})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("app@example.com", []string{"user@example.com"}, strings.NewReader("Subject: x\r\n\r\nbody\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	st := up.Stats()
+	if st.Messages != 1 || st.Auths != 1 || st.Commands["QUIT"] != 1 || st.Open != 0 {
+		t.Errorf("upstream: %d messages, %d AUTH, %d QUIT, %d open; want 1, 1, 1, 0", st.Messages, st.Auths, st.Commands["QUIT"], st.Open)
+	}
+	if strings.Contains(log.String(), "pw-s3cret") {
+		t.Errorf("the log contains the password")
+	}
+}
