@@ -32,7 +32,7 @@ type options struct {
 	proxy    proxy.Config
 }
 
-func newEnv(t *testing.T, o options) *testEnv {
+func newEnv(t testing.TB, o options) *testEnv {
 	t.Helper()
 	o.upstream.Username, o.upstream.Password = "app", "s3cret"
 	up, err := memsmtp.Start(o.upstream)
