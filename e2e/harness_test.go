@@ -16,6 +16,7 @@ import (
 	"net/mail"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -290,12 +291,13 @@ func startProxy(t *testing.T, upstreamAddr string, env map[string]string) *proxy
 		shown = append(shown, k+"="+v)
 	}
 	slices.Sort(shown)
-	p := &proxyProc{process: startProcess(t, "smtppool", environ, proxyBin), Addr: addr}
-	t.Cleanup(func() {
-		if raceEnabled && strings.Contains(p.stderr.String(), "WARNING: DATA RACE") {
-			t.Errorf("the race detector reported a data race in smtppool; see its output")
+	p := &proxyProc{Addr: addr}
+	t.Cleanup(func() { // runs after startProcess's cleanup has ended the proxy
+		if raceEnabled && p.process != nil && strings.Contains(p.stderr.String(), "WARNING: DATA RACE") {
+			t.Errorf("the race detector reported a data race in smtppool:\n%s", tail(p.stderr.String(), 60))
 		}
 	})
+	p.process = startProcess(t, "smtppool", environ, proxyBin)
 	waitFor(t, 15*time.Second, "smtppool to listen on "+addr, func() (bool, string) {
 		if p.exited() {
 			t.Fatalf("smtppool exited at start-up (%v):\n%s", p.err, tail(p.stderr.String(), 30))
@@ -388,13 +390,14 @@ func (c sinkCounters) String() string {
 // Counters parses the last counter line smtp-sink printed. It updates them
 // when a session ends, on QUIT and at each final dot.
 func (s *sinkProc) Counters() sinkCounters {
-	var c sinkCounters
 	recs := strings.FieldsFunc(s.stdout.String(), func(r rune) bool { return r == '\r' || r == '\n' })
-	if len(recs) == 0 {
-		return c
+	for i := len(recs) - 1; i >= 0; i-- { // the last whole record
+		var c sinkCounters
+		if n, _ := fmt.Sscanf(strings.TrimSpace(recs[i]), "sess=%d quit=%d mesg=%d", &c.Sess, &c.Quit, &c.Mesg); n == 3 {
+			return c
+		}
 	}
-	fmt.Sscanf(strings.TrimSpace(recs[len(recs)-1]), "sess=%d quit=%d mesg=%d", &c.Sess, &c.Quit, &c.Mesg)
-	return c
+	return sinkCounters{}
 }
 
 // Dumped indexes the messages dumped to DumpDir by Message-ID.
@@ -475,12 +478,32 @@ func (p *postfixProc) Start(t *testing.T) {
 }
 
 func (p *postfixProc) start() error {
+	// After an unclean stop, postsuper warns about the queue files that
+	// killed processes left, writing as the postfix user straight to the log
+	// file, which postlogd created as root: without this the start fails
+	// with "fatal: open logfile ...: Permission denied".
+	if err := chownToPostfix(filepath.Join(p.Dir, "postfix.log")); err != nil {
+		return err
+	}
 	if out, err := p.script("start"); err != nil {
 		return fmt.Errorf("postfix-upstream.sh start: %v\n%s\nlog:\n%s", err, out, tail(p.Log(), 20))
 	}
 	return poll(20*time.Second, "postfix to listen on "+p.Addr, func() (bool, string) {
 		return listening(p.Port), "not listening"
 	})
+}
+
+func chownToPostfix(path string) error {
+	u, err := user.Lookup("postfix")
+	if err != nil {
+		return err
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if err := os.Chown(path, uid, gid); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // Stop stops the instance with "postfix stop" and waits until its status
@@ -505,7 +528,8 @@ func (p *postfixProc) stop() error {
 }
 
 // shutdown stops the instance whatever state the test left it in, and
-// removes its folder unless the test failed.
+// prints its log's tail if the test failed. (publicDir's cleanup, which runs
+// after, removes the folder.)
 func (p *postfixProc) shutdown(t *testing.T) {
 	if p.Running() {
 		_ = exec.Command("postfix", "-c", p.etc, "stop").Run()

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -36,6 +37,14 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	// Postfix's commands live in /usr/sbin, which a CI user's PATH may lack.
+	path := os.Getenv("PATH")
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if !slices.Contains(filepath.SplitList(path), dir) {
+			path += string(os.PathListSeparator) + dir
+		}
+	}
+	os.Setenv("PATH", path)
 	if err := checkPeers(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: FAIL:", err)
 		return 1

@@ -22,6 +22,7 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 	)
 	pf := startPostfix(t, postfixOptions{})
 	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": "10"})
+	sampler := sampleConns(t, pf.Port)
 	msgs := newMessages("restart", clients)
 
 	// The restart runs beside the burst; it reports when it stopped and
@@ -111,10 +112,18 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 	}
 	_, _, unackedDup := copies(box, unacked)
 	unackedOnce, unackedMissing, _ := copies(box, unacked)
+	maxSeen, samples, err := sampler.Stop()
+	if err != nil {
+		t.Errorf("sampling upstream connections: %v", err)
+	}
 	t.Logf("upstream: %d/%d acknowledged messages delivered exactly once, %d missing, %d duplicated; "+
-		"%d not acknowledged but delivered anyway (%d more than once), %d not delivered; proxy logged %d retries, opened %d upstream sessions",
-		once, len(acked), missing, duplicated, unackedOnce+unackedDup, unackedDup, unackedMissing,
+		"%d not acknowledged but delivered anyway (%d more than once), %d not delivered; "+
+		"max upstream conns %d (cap 10) over %d samples; proxy logged %d retries, opened %d upstream sessions",
+		once, len(acked), missing, duplicated, unackedOnce+unackedDup, unackedDup, unackedMissing, maxSeen, samples,
 		proxy.Count("transient upstream failure, retrying"), proxy.Count("upstream session opened"))
+	if maxSeen > 10 {
+		t.Errorf("sampled %d upstream connections at once, above SMTPPOOL_MAX_CONNS=10", maxSeen)
+	}
 	if missing > 0 {
 		t.Errorf("%d messages acknowledged with 250 are not in the mailbox", missing)
 	}
