@@ -32,9 +32,12 @@ type Pool struct {
 	stats   counters
 	waiting atomic.Int32 // Acquire calls in progress
 
-	// noStartTLS records that the upstream did not offer STARTTLS, so that
-	// opportunistic mode stops trying it on every new session.
+	// In opportunistic mode: noStartTLS records that the upstream did not
+	// offer STARTTLS, tlsKnown that a session has been set up, which tells
+	// whether it does; until then tlsProbe sets sessions up one at a time.
 	noStartTLS atomic.Bool
+	tlsKnown   atomic.Bool
+	tlsProbe   sync.Mutex
 
 	closeOnce sync.Once
 	closed    chan struct{}

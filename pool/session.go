@@ -90,14 +90,14 @@ func (p *Pool) connect(ctx context.Context) (*session, error) {
 }
 
 func (p *Pool) handshake(ctx context.Context) (*session, error) {
-	useStartTLS := p.cfg.TLS == TLSStartTLS || (p.cfg.TLS == TLSOpportunistic && !p.noStartTLS.Load())
-	s, err := p.greet(ctx, useStartTLS)
-	if err != nil && useStartTLS && p.cfg.TLS == TLSOpportunistic && errors.Is(err, ErrTLSUnavailable) {
-		// go-smtp has no way to upgrade a client that has already read the
-		// EHLO reply, so learn once that this upstream has no STARTTLS and
-		// dial again in plain text.
-		p.noStartTLS.Store(true)
-		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "addr", p.cfg.Addr)
+	var s *session
+	var err error
+	switch p.cfg.TLS {
+	case TLSOpportunistic:
+		s, err = p.greetOpportunistic(ctx)
+	case TLSStartTLS:
+		s, err = p.greet(ctx, true)
+	default:
 		s, err = p.greet(ctx, false)
 	}
 	if err != nil {
@@ -110,6 +110,31 @@ func (p *Pool) handshake(ctx context.Context) (*session, error) {
 	s.client.CommandTimeout = p.cfg.CommandTimeout
 	s.client.SubmissionTimeout = p.cfg.DataTimeout
 	return s, nil
+}
+
+// greetOpportunistic starts sessions with STARTTLS unless the upstream is
+// known not to offer it. go-smtp cannot upgrade a client that has already
+// read the EHLO reply, so finding out costs a second dial; until one session
+// has been set up, new sessions are set up one at a time, so that a burst of
+// them finds out once.
+func (p *Pool) greetOpportunistic(ctx context.Context) (*session, error) {
+	if !p.tlsKnown.Load() {
+		p.tlsProbe.Lock()
+		defer p.tlsProbe.Unlock()
+	}
+	if p.noStartTLS.Load() {
+		return p.greet(ctx, false)
+	}
+	s, err := p.greet(ctx, true)
+	if errors.Is(err, ErrTLSUnavailable) {
+		p.noStartTLS.Store(true)
+		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "addr", p.cfg.Addr)
+		s, err = p.greet(ctx, false)
+	}
+	if err == nil {
+		p.tlsKnown.Store(true)
+	}
+	return s, err
 }
 
 // greet dials and runs greeting, EHLO and, if asked, STARTTLS and EHLO again.
