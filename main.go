@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -79,7 +78,7 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	defer stopRelay()
 	srv := proxy.NewServer(relayCtx, p, cfg.proxyConfig(logger))
 
-	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	ln, err := proxy.Listen(ctx, cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("SMTPPOOL_LISTEN_ADDR: %w", err)
 	}
