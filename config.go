@@ -37,7 +37,7 @@ type config struct {
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" envDefault:"5" help:"hard cap on upstream connections, never exceeded"`
 	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" envDefault:"2m" help:"how long a transaction may wait for a free upstream session"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" envDefault:"4" help:"tries per transaction for transient upstream failures"`
-	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" envDefault:"250ms" help:"pause before the second try, doubled for each further one, jittered"`
+	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" envDefault:"250ms" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" envDefault:"4s" help:"longest pause between tries"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" envDefault:"10m" help:"renew an upstream session after this long"`
 	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" envDefault:"1m" help:"close upstream sessions idle longer than this"`

@@ -47,8 +47,9 @@ type Config struct {
 	// fails transiently; default 4.
 	MaxAttempts int
 
-	// RetryBackoff is the delay before the second try, doubled before each
-	// further one and jittered; default 250 milliseconds.
+	// RetryBackoff is the least delay before the second try, doubled before
+	// each further one, plus up to half again at random; default 250
+	// milliseconds.
 	RetryBackoff time.Duration
 
 	// RetryBackoffMax caps the delay between tries; default 4 seconds.

@@ -92,14 +92,16 @@ func classifyReply(e *smtp.SMTPError) (reply *smtp.SMTPError, retry bool) {
 }
 
 // backoff returns the pause before try number failures+1: base doubled for
-// each failure after the first, capped at max, with "equal jitter" (half
-// fixed, half random) so that clients failing together spread out.
+// each failure after the first, plus up to half again at random so that
+// clients failing together spread out, and at most max. With the defaults
+// (250 ms, 4 tries) the pauses add up to between 1.75 and 2.6 seconds,
+// enough to ride out an upstream restart.
 func backoff(failures int, base, max time.Duration) time.Duration {
 	d := max
 	if shift := failures - 1; shift < 30 && base<<shift < max {
 		d = base << shift
 	}
-	return d/2 + rand.N(d/2+1)
+	return min(d+rand.N(d/2+1), max)
 }
 
 // The checks below fit a transaction to the upstream's extensions. A
