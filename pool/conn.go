@@ -3,6 +3,7 @@ package pool
 import (
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 
 	"github.com/emersion/go-smtp"
@@ -58,18 +59,18 @@ func (c *Conn) Rcpt(to string, opts *smtp.RcptOptions) error {
 }
 
 // Data sends DATA, then msg, then the final dot, and waits for the
-// upstream's verdict on the message. msg holds the message as received,
+// upstream's verdict on the message. msg reads the message as received,
 // lines ending in CRLF, without dot-stuffing. When the connection fails
 // after the final dot was written and before the reply, the error wraps
 // ErrNoReply.
-func (c *Conn) Data(msg []byte) error {
+func (c *Conn) Data(msg io.Reader) error {
 	s := c.res.Value()
 	w, err := s.client.Data()
 	if err != nil {
 		return s.fail("DATA", err)
 	}
 	s.conn.writeFailed = false
-	if _, err := w.Write(msg); err != nil {
+	if _, err := io.Copy(w, msg); err != nil {
 		s.broken = true
 		return fmt.Errorf("upstream DATA: write message: %w", err)
 	}

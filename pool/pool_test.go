@@ -61,7 +61,7 @@ func send(c *pool.Conn, id int) error {
 	if err := c.Rcpt("rcpt@example.com", nil); err != nil {
 		return err
 	}
-	return c.Data([]byte(fmt.Sprintf("Message-ID: <%d@test>\r\nSubject: test\r\n\r\nbody %d\r\n", id, id)))
+	return c.Data(strings.NewReader(fmt.Sprintf("Message-ID: <%d@test>\r\nSubject: test\r\n\r\nbody %d\r\n", id, id)))
 }
 
 // waitFor polls cond until it holds or the deadline passes.

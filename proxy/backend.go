@@ -12,11 +12,9 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -97,24 +95,17 @@ func (c Config) withDefaults() Config {
 // Backend turns client sessions into work for a pool. It implements
 // smtp.Backend.
 type Backend struct {
-	pool    *pool.Pool
-	cfg     Config
-	log     *slog.Logger
-	ctx     context.Context
-	buffers sync.Pool
+	pool *pool.Pool
+	cfg  Config
+	log  *slog.Logger
+	ctx  context.Context
 }
 
 // NewBackend returns a backend that relays through p. When ctx ends,
 // transactions stop waiting for sessions or retries and get 421 4.3.2.
 func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
 	cfg = cfg.withDefaults()
-	return &Backend{
-		pool:    p,
-		cfg:     cfg,
-		log:     cfg.Logger,
-		ctx:     ctx,
-		buffers: sync.Pool{New: func() any { return new(bytes.Buffer) }},
-	}
+	return &Backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx}
 }
 
 // NewServer returns an SMTP server, not yet listening, that relays through
@@ -136,19 +127,4 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 // first EHLO or HELO, after the greeting was sent.
 func (b *Backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 	return &session{b: b, client: c.Conn().RemoteAddr().String()}, nil
-}
-
-// maxPooledBuffer is the largest message buffer kept for reuse; larger ones
-// are left to the garbage collector so that one big message does not pin
-// its memory.
-const maxPooledBuffer = 1 << 20
-
-func (b *Backend) getBuffer() *bytes.Buffer { return b.buffers.Get().(*bytes.Buffer) }
-
-func (b *Backend) putBuffer(buf *bytes.Buffer) {
-	if buf.Cap() > maxPooledBuffer {
-		return
-	}
-	buf.Reset()
-	b.buffers.Put(buf)
 }

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"crypto/tls"
 	"errors"
 	"math/rand/v2"
@@ -137,15 +136,14 @@ func checkRecipient(c *pool.Conn, to string) error {
 
 // checkMessage refuses 8-bit data for an upstream without 8BITMIME, and
 // non-ASCII headers for one without SMTPUTF8.
-func checkMessage(c *pool.Conn, msg []byte) error {
-	if isASCII(msg) {
+func checkMessage(c *pool.Conn, msg *messageBuffer) error {
+	if msg.isASCII() {
 		return nil
 	}
 	if !hasExtension(c, "8BITMIME") {
 		return replyNo8BitMIME
 	}
-	header, _, _ := bytes.Cut(msg, []byte("\r\n\r\n"))
-	if !isASCII(header) && !hasExtension(c, "SMTPUTF8") {
+	if !hasExtension(c, "SMTPUTF8") && !msg.headerIsASCII() {
 		return replyNoSMTPUTF8Header
 	}
 	return nil

@@ -83,9 +83,9 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // replayed, then relays it. nil, which go-smtp turns into 250, is returned
 // only after the upstream answered 250 to this very message.
 func (s *session) Data(r io.Reader) error {
-	buf := s.b.getBuffer()
-	defer s.b.putBuffer(buf)
-	if _, err := buf.ReadFrom(r); err != nil {
+	var msg messageBuffer
+	defer msg.release()
+	if _, err := msg.ReadFrom(r); err != nil {
 		var smtpErr *smtp.SMTPError
 		switch {
 		case errors.As(err, &smtpErr):
@@ -96,14 +96,14 @@ func (s *session) Data(r io.Reader) error {
 		return replyClientRead
 	}
 	err := s.relay("DATA", func(c *pool.Conn) error {
-		if err := checkMessage(c, buf.Bytes()); err != nil {
+		if err := checkMessage(c, &msg); err != nil {
 			return err
 		}
-		return c.Data(buf.Bytes())
+		return c.Data(msg.Reader())
 	})
 	if err == nil && s.b.log.Enabled(context.Background(), slog.LevelDebug) {
 		s.b.log.Debug("message relayed", "client", s.client, "from", s.tx.from,
-			"rcpts", len(s.tx.rcpts), "bytes", buf.Len(), "attempts", s.tx.failures+1,
+			"rcpts", len(s.tx.rcpts), "bytes", msg.Len(), "attempts", s.tx.failures+1,
 			"upstream_session", s.up.ID(), "duration", time.Since(s.tx.start))
 	}
 	return err
