@@ -47,8 +47,8 @@ func TestMessageBufferCharacterChecks(t *testing.T) {
 		{"Subject: hi\r\n\r\nhello\r\n", true, true},
 		{"Subject: hi\r\n\r\nGrüße\r\n", false, true},
 		{"Subject: Grüße\r\n\r\nhello\r\n", false, false},
-		{strings.Repeat("X-Long: " + strings.Repeat("a", 900) + "\r\n", 40) + "Subject: Grüße\r\n\r\nhi\r\n", false, false},
-		{strings.Repeat("X-Long: " + strings.Repeat("a", 900) + "\r\n", 40) + "\r\nGrüße\r\n", false, true},
+		{strings.Repeat("X-Long: "+strings.Repeat("a", 900)+"\r\n", 40) + "Subject: Grüße\r\n\r\nhi\r\n", false, false},
+		{strings.Repeat("X-Long: "+strings.Repeat("a", 900)+"\r\n", 40) + "\r\nGrüße\r\n", false, true},
 	}
 	for _, tt := range tests {
 		var m messageBuffer
