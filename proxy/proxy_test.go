@@ -672,3 +672,45 @@ func TestMultiLineReplyLeavesInOneWrite(t *testing.T) {
 		t.Errorf("QUIT reply %q, want 221 before the close", buf[:n])
 	}
 }
+
+// TestBareLineFeedsCannotSmuggleMessages: a bare LF ends no line and no
+// message on the way in; on the way out it becomes CRLF and a line that
+// starts with a dot is dot-stuffed, so "\n.\n" cannot end the message early
+// at the upstream (SMTP smuggling).
+func TestBareLineFeedsCannotSmuggleMessages(t *testing.T) {
+	e := newEnv(t, options{})
+	conn, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := smtp.NewClient(conn)
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Mail("app@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("user@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	// DATA by hand: go-smtp's client would fix the line endings itself.
+	body := "Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<evil@example.com>\nRCPT TO:<victim@example.com>\nDATA\nforged\n.\n\r\n.\r\n"
+	fmt.Fprintf(conn, "DATA\r\n")
+	buf := make([]byte, 512)
+	if n, _ := conn.Read(buf); !strings.HasPrefix(string(buf[:n]), "354") {
+		t.Fatalf("DATA reply %q", buf[:n])
+	}
+	fmt.Fprint(conn, body)
+	if n, _ := conn.Read(buf); !strings.HasPrefix(string(buf[:n]), "250") {
+		t.Fatalf("end of DATA reply %q", buf[:n])
+	}
+	msgs := e.up.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "user@example.com" {
+		t.Fatalf("upstream got %d messages %v, want exactly the one sent", len(msgs), msgs)
+	}
+	want := "Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n.\r\n\r\n"
+	if got := string(msgs[0].Data); got != want {
+		t.Errorf("upstream message %q, want %q", got, want)
+	}
+}
