@@ -117,9 +117,6 @@ func (p *Pool) Close() {
 	})
 }
 
-// Addr returns the upstream address the pool dials.
-func (p *Pool) Addr() string { return p.cfg.Addr }
-
 // closeReason says why a session was closed.
 type closeReason int
 

@@ -447,3 +447,20 @@ func TestPasswordNeverPrinted(t *testing.T) {
 		}
 	}
 }
+
+// TestLostReplyIsReportedAsAmbiguous: when the connection dies after the
+// final dot, the caller learns that the upstream may have kept the message.
+func TestLostReplyIsReportedAsAmbiguous(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Data, memsmtp.Fault{Drop: true, Deliver: true})
+	p := newPool(t, up, pool.Config{})
+	c := acquire(t, p)
+	defer c.Release()
+	err := send(c, 1)
+	if !errors.Is(err, pool.ErrNoReply) {
+		t.Fatalf("send: %v, want ErrNoReply", err)
+	}
+	if n := up.Stats().Messages; n != 1 {
+		t.Errorf("upstream kept %d messages, want 1", n)
+	}
+}
