@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/smtppool/smtppool/internal/memsmtp"
 	"github.com/smtppool/smtppool/pool"
@@ -101,11 +102,30 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		logger.Warn("shutdown timeout passed; closing client connections")
 		stopRelay()
-		srv.Close()
+		ln.CloseConnections()
 	}
-	p.Close()
+	closePool(p, logger)
 	logger.Info("stopped")
 	return nil
+}
+
+// poolCloseTimeout bounds the wait for upstream sessions still in use at
+// shutdown, after which smtppool exits without their QUIT.
+const poolCloseTimeout = 10 * time.Second
+
+// closePool closes the upstream sessions with QUIT, waiting at most
+// poolCloseTimeout for those still relaying.
+func closePool(p *pool.Pool, logger *slog.Logger) {
+	closed := make(chan struct{})
+	go func() {
+		p.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(poolCloseTimeout):
+		logger.Warn("upstream sessions still busy; exiting without closing them", "waited", poolCloseTimeout)
+	}
 }
 
 // parseArgs handles -h and the optional "demo" command.

@@ -254,3 +254,40 @@ func TestRunRelaysAndQuitsUpstreamSessionsOnShutdown(t *testing.T) {
 		t.Errorf("the log contains the password")
 	}
 }
+
+// TestShutdownClosesClientsThatOutstayTheTimeout: a client that stays in a
+// transaction does not hold the shutdown past SMTPPOOL_SHUTDOWN_TIMEOUT,
+// and its upstream session is still closed with QUIT.
+func TestShutdownClosesClientsThatOutstayTheTimeout(t *testing.T) {
+	up, err := memsmtp.Start(memsmtp.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	addr, _, stop := startRun(t, nil, []string{"SMTPPOOL_UPSTREAM_ADDR=" + up.Addr, "SMTPPOOL_UPSTREAM_TLS=none",
+		"SMTPPOOL_SHUTDOWN_TIMEOUT=50ms"})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("app@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("shutdown still waiting for the idle client after 20 s")
+	}
+	if err := c.Noop(); err == nil {
+		t.Error("the client's connection is still open after shutdown")
+	}
+	if st := up.Stats(); st.Commands["RSET"] != 1 || st.Commands["QUIT"] != 1 {
+		t.Errorf("upstream saw %d RSET and %d QUIT, want the unfinished transaction reset and the session quit", st.Commands["RSET"], st.Commands["QUIT"])
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"time"
 
 	"github.com/emersion/go-smtp"
 	"github.com/jackc/puddle/v2"
@@ -69,6 +70,9 @@ func (c *Conn) Data(msg io.Reader) error {
 	if err != nil {
 		return s.fail("DATA", err)
 	}
+	// go-smtp bounds the wait for each reply, not the writing of the
+	// message: an upstream that stops reading would block it for ever.
+	s.conn.SetWriteDeadline(time.Now().Add(c.pool.cfg.DataTimeout))
 	s.conn.writeFailed = false
 	if _, err := io.Copy(w, msg); err != nil {
 		s.broken = true
@@ -87,6 +91,17 @@ func (c *Conn) Data(msg io.Reader) error {
 		return fmt.Errorf("upstream end of DATA: %w: %w", ErrNoReply, err)
 	}
 	return fmt.Errorf("upstream end of DATA: %w", err)
+}
+
+// reset aborts the unfinished transaction with RSET. go-smtp's Client.Reset
+// makes the client send EHLO again before its next command, and a failure
+// there would be swallowed by Extension, so EHLO is sent here, where a
+// failure marks the session broken.
+func (s *session) reset(localName string) error {
+	if err := s.client.Reset(); err != nil {
+		return err
+	}
+	return s.client.Hello(localName)
 }
 
 // fail marks the session broken after an I/O error or a 421 and wraps err
@@ -109,7 +124,7 @@ func (s *session) fail(cmd string, err error) error {
 func (c *Conn) Release() {
 	s := c.res.Value()
 	if s.dirty && !s.broken {
-		if err := s.client.Reset(); err != nil {
+		if err := s.reset(c.pool.cfg.LocalName); err != nil {
 			c.pool.log.Debug("upstream session failed RSET", "session", s.id, "err", err)
 			s.broken = true
 		}

@@ -86,15 +86,15 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 			return nil, err
 		}
 		s := res.Value()
-		if !s.lent {
-			// Just dialled: nothing to check.
-			s.lent = true
-			return &Conn{res: res, pool: p}, nil
+		// A session that has never been lent is exempt from the limits, so
+		// that a tiny MaxConnLifetime cannot make Acquire dial forever.
+		if s.lent {
+			if reason := p.retireReason(res, false); reason != closeNone {
+				p.destroy(res, reason)
+				continue
+			}
 		}
-		if reason := p.retireReason(res, false); reason != closeNone {
-			p.destroy(res, reason)
-			continue
-		}
+		s.lent = true
 		if res.IdleDuration() > p.cfg.PingAfterIdle {
 			if err := s.client.Noop(); err != nil {
 				p.log.Debug("upstream session failed NOOP", "session", s.id, "err", err)

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -462,5 +463,51 @@ func TestLostReplyIsReportedAsAmbiguous(t *testing.T) {
 	}
 	if n := up.Stats().Messages; n != 1 {
 		t.Errorf("upstream kept %d messages, want 1", n)
+	}
+}
+
+// TestStalledUpstreamTimesOutWhileTheMessageIsWritten: an upstream that
+// answers 354 and stops reading cannot hold a session for ever.
+func TestStalledUpstreamTimesOutWhileTheMessageIsWritten(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Data, memsmtp.Fault{Stall: 3 * time.Second})
+	p := newPool(t, up, pool.Config{DataTimeout: 100 * time.Millisecond})
+	c := acquire(t, p)
+	defer c.Release()
+	if err := c.Mail("sender@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("rcpt@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	big := strings.Repeat(strings.Repeat("x", 998)+"\r\n", 16<<10) // 16 MiB, more than socket buffers hold
+	err := c.Data(strings.NewReader(big))
+	var netErr net.Error
+	if !errors.As(err, &netErr) || !netErr.Timeout() {
+		t.Fatalf("Data to a stalled upstream: %v, want a timeout", err)
+	}
+}
+
+// TestEHLOAfterRSETIsSentAtRelease: the EHLO that go-smtp sends after RSET is sent
+// at release, where a failure marks the session broken, rather than
+// lazily from Extension, which would hide the failure.
+func TestEHLOAfterRSETIsSentAtRelease(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{})
+	c := acquire(t, p)
+	if err := c.Mail("sender@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	c.Release() // unfinished: RSET, then EHLO
+	if n := up.Stats().Commands["EHLO"]; n != 2 {
+		t.Errorf("upstream saw %d EHLO, want 2: the one after RSET is sent at release", n)
+	}
+	c = acquire(t, p)
+	if ok, _ := c.Extension("SMTPUTF8"); !ok {
+		t.Errorf("extensions lost after RSET")
+	}
+	c.Release()
+	if st := p.Stat(); st.IdleSessions != 1 || st.ClosedBroken != 0 {
+		t.Errorf("Stat = %+v, want the healthy session idle", st)
 	}
 }

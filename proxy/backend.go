@@ -109,7 +109,9 @@ func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
 }
 
 // NewServer returns an SMTP server, not yet listening, that relays through
-// p. It advertises SIZE, 8BITMIME, SMTPUTF8 and PIPELINING.
+// p; serve it on a Listener. It advertises SIZE, 8BITMIME, SMTPUTF8 and
+// PIPELINING, and what go-smtp always does: ENHANCEDSTATUSCODES, CHUNKING
+// (BDAT, whose message reaches Data like DATA's) and LIMITS.
 func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 	b := NewBackend(ctx, p, cfg)
 	s := smtp.NewServer(b)

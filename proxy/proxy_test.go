@@ -165,9 +165,11 @@ func TestUpstreamReplyReachesClient(t *testing.T) {
 			wantStep: "end of DATA", want: reply(554, [3]int{5, 7, 1}, "Spam"), wantConns: 1,
 		},
 		{
-			name:     "AUTH 535 passes through",
+			// A wrong password is the operator's to fix; the message must
+			// not bounce for it.
+			name:     "AUTH 535 is a set-up failure, not a bounce",
 			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Auth: {{Reply: reply(535, [3]int{5, 7, 8}, "Bad credentials")}}},
-			wantStep: "MAIL", want: reply(535, [3]int{5, 7, 8}, "Bad credentials"), wantConns: 1,
+			wantStep: "MAIL", want: reply(451, [3]int{4, 3, 5}, "Cannot set up a session with the upstream server as configured; see smtppool's log"), wantConns: 1,
 		},
 		{
 			name:       "421 banner is retried",
@@ -712,5 +714,37 @@ func TestBareLineFeedsCannotSmuggleMessages(t *testing.T) {
 	want := "Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n.\r\n\r\n"
 	if got := string(msgs[0].Data); got != want {
 		t.Errorf("upstream message %q, want %q", got, want)
+	}
+}
+
+// TestNestedMailIsRefused: MAIL inside a transaction gets 503 and leaves the
+// transaction as it was.
+func TestNestedMailIsRefused(t *testing.T) {
+	e := newEnv(t, options{})
+	c := e.dial(t)
+	if err := c.Mail("first@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("a@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	var got *smtp.SMTPError
+	if err := c.Mail("second@example.com", nil); !errors.As(err, &got) || got.Code != 503 {
+		t.Fatalf("nested MAIL: %v, want 503", err)
+	}
+	if err := c.Rcpt("b@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(message("nested")))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m := e.up.Messages()
+	if len(m) != 1 || m[0].From != "first@example.com" || strings.Join(m[0].To, ",") != "a@example.com,b@example.com" {
+		t.Errorf("upstream got %+v, want one message from first@ to a@ and b@", m)
 	}
 }

@@ -34,12 +34,17 @@ var (
 		Message: "8-bit message, and the upstream server does not support 8BITMIME; smtppool does not convert messages"}
 	replyTooBigUpstream = &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 		Message: "Message size exceeds the upstream server's limit"}
+	replyNestedMail = &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1},
+		Message: "Nested MAIL command: end the transaction first"}
+	replyNoTransaction = &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1},
+		Message: "No transaction: send MAIL first"}
 )
 
 // Internal outcomes of borrowing a session, turned into replies by classify.
 var (
 	errBusy         = errors.New("no upstream session free within the acquire timeout")
 	errShuttingDown = errors.New("shutting down")
+	errSetup        = errors.New("setting up an upstream session")
 )
 
 // classify turns an error from the pool or the upstream into the client's
@@ -52,8 +57,10 @@ var (
 //   - 452 4.5.3 (too many recipients) is passed on at once: the client is
 //     expected to send the remaining recipients in another transaction.
 //   - Connection failures are retried and end as 451 4.4.0.
-//   - Set-up failures that retrying cannot mend (no STARTTLS when required,
-//     no usable AUTH, an untrusted certificate) end at once as 451 4.3.5.
+//   - Set-up failures that retrying cannot mend (a 5xx to EHLO or AUTH, such
+//     as a wrong password; no STARTTLS when required; no usable AUTH; an
+//     untrusted certificate) end at once as 451 4.3.5: they are the
+//     operator's to fix, and the message must not bounce for them.
 func classify(err error) (reply *smtp.SMTPError, retry bool) {
 	var smtpErr *smtp.SMTPError
 	var certErr *tls.CertificateVerificationError
@@ -63,6 +70,8 @@ func classify(err error) (reply *smtp.SMTPError, retry bool) {
 		return replyBusy, false
 	case errors.Is(err, errShuttingDown), errors.Is(err, pool.ErrClosed):
 		return replyShuttingDown, false
+	case errors.As(err, &smtpErr) && errors.Is(err, errSetup) && smtpErr.Code >= 500:
+		return replyMisconfigured, false
 	case errors.As(err, &smtpErr):
 		return classifyReply(smtpErr)
 	case errors.Is(err, pool.ErrTLSUnavailable), errors.Is(err, pool.ErrAuthUnavailable),
@@ -96,9 +105,9 @@ func classifyReply(e *smtp.SMTPError) (reply *smtp.SMTPError, retry bool) {
 // (250 ms, 4 tries) the pauses add up to between 1.75 and 2.6 seconds,
 // enough to ride out an upstream restart.
 func backoff(failures int, base, max time.Duration) time.Duration {
-	d := max
-	if shift := failures - 1; shift < 30 && base<<shift < max {
-		d = base << shift
+	d := min(base, max)
+	for i := 1; i < failures && d < max; i++ {
+		d = min(2*d, max)
 	}
 	return min(d+rand.N(d/2+1), max)
 }

@@ -16,3 +16,11 @@ func TestBackoffDoublesWithJitterUpToMax(t *testing.T) {
 		}
 	}
 }
+
+func TestBackoffDoesNotOverflow(t *testing.T) {
+	for _, failures := range []int{31, 64, 1000} {
+		if d := backoff(failures, 20*time.Second, time.Minute); d != time.Minute {
+			t.Errorf("backoff(%d, 20s, 1m) = %v, want 1m", failures, d)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"time"
@@ -49,7 +50,11 @@ type recipient struct {
 // Mail starts a transaction: it borrows an upstream session and relays
 // MAIL FROM, waiting while every session is busy.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
-	s.endTransaction()
+	if s.tx != nil {
+		// go-smtp lets MAIL through in a transaction and would keep the
+		// old recipients: refuse, as RFC 5321 asks.
+		return replyNestedMail
+	}
 	s.tx = &transaction{from: from, start: time.Now()}
 	if opts != nil {
 		s.tx.opts = *opts
@@ -83,6 +88,12 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // replayed, then relays it. nil, which go-smtp turns into 250, is returned
 // only after the upstream answered 250 to this very message.
 func (s *session) Data(r io.Reader) error {
+	// Hold an upstream session before reading the message, so that
+	// messages are read into memory only as fast as sessions free up.
+	// (go-smtp drains the message when Data returns early.)
+	if err := s.relay("DATA", nil); err != nil {
+		return err
+	}
 	var msg messageBuffer
 	defer msg.release()
 	if _, err := msg.ReadFrom(r); err != nil {
@@ -134,7 +145,10 @@ func (s *session) endTransaction() {
 // or a bare *smtp.SMTPError for the client.
 func (s *session) relay(cmd string, step func(*pool.Conn) error) error {
 	tx := s.tx
-	if tx.failed != nil {
+	switch {
+	case tx == nil:
+		return replyNoTransaction // go-smtp checks the order of commands; this is a second guard
+	case tx.failed != nil:
 		return tx.failed
 	}
 	for {
@@ -202,7 +216,7 @@ func (s *session) acquire() (*pool.Conn, error) {
 	case ctx.Err() != nil:
 		return nil, errBusy
 	}
-	return nil, err
+	return nil, fmt.Errorf("%w: %w", errSetup, err)
 }
 
 // replay sends the transaction so far, MAIL and the accepted recipients, on

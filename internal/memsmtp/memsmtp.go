@@ -48,6 +48,9 @@ type Fault struct {
 	// Deliver, at Data, reads and keeps the whole message before Reply or
 	// Drop, as a server that accepted a message and then failed to say so.
 	Deliver bool
+	// Stall, at Data, waits this long before reading the message at all,
+	// as a server that has answered 354 and stopped reading.
+	Stall time.Duration
 }
 
 // Message is one accepted message.
@@ -422,6 +425,9 @@ func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 
 func (ss *session) Data(r io.Reader) error {
 	f := ss.s.nextFault(Data)
+	if f != nil {
+		time.Sleep(f.Stall)
+	}
 	if f != nil && f.Drop && !f.Deliver {
 		io.CopyN(io.Discard, r, 64)
 		ss.c.Conn().Close()
