@@ -9,4 +9,10 @@ require (
 	github.com/jackc/puddle/v2 v2.2.3
 )
 
-require golang.org/x/sync v0.1.0 // indirect
+require (
+	github.com/prometheus/client_golang v1.25.0 // indirect
+	go.uber.org/goleak v1.3.0 // indirect
+	golang.org/x/oauth2 v0.38.0 // indirect
+	golang.org/x/sync v0.25.0 // indirect
+	golang.org/x/time v0.16.0 // indirect
+)
