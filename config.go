@@ -35,10 +35,12 @@ type config struct {
 	AllowInsecureAuth    bool         `env:"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH" envDefault:"false" help:"allow sending credentials over an unencrypted upstream connection"`
 
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" envDefault:"5" help:"hard cap on upstream connections, never exceeded"`
-	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" envDefault:"2m" help:"how long a transaction may wait for a free upstream session"`
-	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" envDefault:"4" help:"tries per transaction for transient upstream failures"`
+	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" envDefault:"2m" help:"how long a transaction may wait for a free upstream session or buffer space"`
+	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" envDefault:"2m" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
+	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" envDefault:"0" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" envDefault:"250ms" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" envDefault:"4s" help:"longest pause between tries"`
+	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" envDefault:"15m" help:"longest a client transaction may hold an upstream session, from MAIL to the reply to its message"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" envDefault:"10m" help:"renew an upstream session after this long"`
 	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" envDefault:"1m" help:"close upstream sessions idle longer than this"`
 	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" envDefault:"100" help:"renew an upstream session after this many messages"`
@@ -47,9 +49,10 @@ type config struct {
 	DataTimeout        time.Duration `env:"SMTPPOOL_DATA_TIMEOUT" envDefault:"10m" help:"limit on the upstream's reply to the end of a message"`
 
 	MaxMessageBytes int64         `env:"SMTPPOOL_MAX_MESSAGE_BYTES" envDefault:"33554432" help:"larger messages get 552 5.3.4"`
+	MaxBufferBytes  int64         `env:"SMTPPOOL_MAX_BUFFER_BYTES" help:"memory for messages buffered at once, each counted at SMTPPOOL_MAX_MESSAGE_BYTES (default 2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES)"`
 	MaxRecipients   int           `env:"SMTPPOOL_MAX_RECIPIENTS" envDefault:"100" help:"more recipients per message get 452 4.5.3"`
 	ClientTimeout   time.Duration `env:"SMTPPOOL_CLIENT_TIMEOUT" envDefault:"5m" help:"disconnect a client silent for this long"`
-	ShutdownTimeout time.Duration `env:"SMTPPOOL_SHUTDOWN_TIMEOUT" envDefault:"30s" help:"on SIGTERM, how long open client connections may finish before they are closed"`
+	ShutdownTimeout time.Duration `env:"SMTPPOOL_SHUTDOWN_TIMEOUT" envDefault:"20s" help:"on SIGTERM, how long open client connections may finish before they are closed; a second signal stops at once"`
 
 	LogLevel  slog.Level `env:"SMTPPOOL_LOG_LEVEL" envDefault:"info" help:"debug, info, warn or error"`
 	LogFormat string     `env:"SMTPPOOL_LOG_FORMAT" envDefault:"json" help:"json or text"`
@@ -103,30 +106,22 @@ func (c *config) check(demo bool) error {
 			add("SMTPPOOL_UPSTREAM_TLS", "is none, so credentials would cross the network in clear text; use TLS or set SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH=true")
 		}
 	}
-	positive := []struct {
-		name string
-		ok   bool
-	}{
-		{"SMTPPOOL_MAX_CONNS", c.MaxConns >= 1},
-		{"SMTPPOOL_ACQUIRE_TIMEOUT", c.AcquireTimeout > 0},
-		{"SMTPPOOL_MAX_ATTEMPTS", c.MaxAttempts >= 1},
-		{"SMTPPOOL_RETRY_BACKOFF", c.RetryBackoff > 0},
-		{"SMTPPOOL_RETRY_BACKOFF_MAX", c.RetryBackoffMax > 0},
-		{"SMTPPOOL_MAX_CONN_LIFETIME", c.MaxConnLifetime > 0},
-		{"SMTPPOOL_MAX_CONN_IDLE_TIME", c.MaxConnIdleTime > 0},
-		{"SMTPPOOL_MAX_MESSAGES_PER_CONN", c.MaxMessagesPerConn >= 1},
-		{"SMTPPOOL_CONNECT_TIMEOUT", c.ConnectTimeout > 0},
-		{"SMTPPOOL_COMMAND_TIMEOUT", c.CommandTimeout > 0},
-		{"SMTPPOOL_DATA_TIMEOUT", c.DataTimeout > 0},
-		{"SMTPPOOL_MAX_MESSAGE_BYTES", c.MaxMessageBytes >= 1},
-		{"SMTPPOOL_MAX_RECIPIENTS", c.MaxRecipients >= 1},
-		{"SMTPPOOL_CLIENT_TIMEOUT", c.ClientTimeout > 0},
-		{"SMTPPOOL_SHUTDOWN_TIMEOUT", c.ShutdownTimeout > 0},
-	}
-	for _, p := range positive {
-		if !p.ok {
-			add(p.name, "must be greater than zero")
+	for _, b := range c.bounds() {
+		switch {
+		case b.value < b.min:
+			add(b.name, "%s is below the least sensible value, %s", b.format(b.value), b.format(b.min))
+		case b.value > b.max:
+			add(b.name, "%s is above the greatest sensible value, %s", b.format(b.value), b.format(b.max))
 		}
+	}
+	if c.RetryBackoffMax < c.RetryBackoff {
+		add("SMTPPOOL_RETRY_BACKOFF_MAX", "%s is less than SMTPPOOL_RETRY_BACKOFF, %s", c.RetryBackoffMax, c.RetryBackoff)
+	}
+	if c.MaxBufferBytes != 0 && c.MaxBufferBytes < c.MaxMessageBytes {
+		add("SMTPPOOL_MAX_BUFFER_BYTES", "%d is less than SMTPPOOL_MAX_MESSAGE_BYTES, %d: no message could be buffered", c.MaxBufferBytes, c.MaxMessageBytes)
+	}
+	if c.Hostname != "" && !isDomain(c.Hostname) {
+		add("SMTPPOOL_HOSTNAME", "%q is not a valid domain name", c.Hostname)
 	}
 	if c.LogFormat != "json" && c.LogFormat != "text" {
 		add("SMTPPOOL_LOG_FORMAT", "%q is not json or text", c.LogFormat)
@@ -137,6 +132,69 @@ func (c *config) check(demo bool) error {
 		}
 	}
 	return joinErrors(errs)
+}
+
+// bound is the sensible range of one numeric variable.
+type bound struct {
+	name            string
+	value, min, max int64
+	format          func(int64) string
+}
+
+// bounds lists the ranges of the numeric variables: below the least value
+// smtppool cannot work, above the greatest the value is surely a mistake.
+func (c *config) bounds() []bound {
+	d := func(name string, v, lo, hi time.Duration) bound {
+		return bound{name, int64(v), int64(lo), int64(hi), func(n int64) string { return time.Duration(n).String() }}
+	}
+	n := func(name string, v, lo, hi int64) bound {
+		return bound{name, v, lo, hi, func(n int64) string { return fmt.Sprint(n) }}
+	}
+	maxBuffer := c.MaxBufferBytes
+	if maxBuffer == 0 {
+		maxBuffer = 1 // unset: derived
+	}
+	return []bound{
+		n("SMTPPOOL_MAX_CONNS", int64(c.MaxConns), 1, 1000),
+		d("SMTPPOOL_ACQUIRE_TIMEOUT", c.AcquireTimeout, time.Millisecond, time.Hour),
+		d("SMTPPOOL_RETRY_TIMEOUT", c.RetryTimeout, 0, time.Hour),
+		n("SMTPPOOL_MAX_ATTEMPTS", int64(c.MaxAttempts), 0, 1000),
+		d("SMTPPOOL_RETRY_BACKOFF", c.RetryBackoff, time.Millisecond, time.Hour),
+		d("SMTPPOOL_RETRY_BACKOFF_MAX", c.RetryBackoffMax, time.Millisecond, time.Hour),
+		d("SMTPPOOL_TRANSACTION_TIMEOUT", c.TransactionTimeout, time.Second, 24*time.Hour),
+		d("SMTPPOOL_MAX_CONN_LIFETIME", c.MaxConnLifetime, time.Millisecond, 24*time.Hour),
+		d("SMTPPOOL_MAX_CONN_IDLE_TIME", c.MaxConnIdleTime, time.Millisecond, 24*time.Hour),
+		n("SMTPPOOL_MAX_MESSAGES_PER_CONN", int64(c.MaxMessagesPerConn), 1, 1_000_000),
+		d("SMTPPOOL_CONNECT_TIMEOUT", c.ConnectTimeout, time.Millisecond, time.Hour),
+		d("SMTPPOOL_COMMAND_TIMEOUT", c.CommandTimeout, time.Millisecond, time.Hour),
+		d("SMTPPOOL_DATA_TIMEOUT", c.DataTimeout, time.Millisecond, time.Hour),
+		n("SMTPPOOL_MAX_MESSAGE_BYTES", c.MaxMessageBytes, 1024, 1<<30),
+		n("SMTPPOOL_MAX_BUFFER_BYTES", maxBuffer, 1, 64<<30),
+		n("SMTPPOOL_MAX_RECIPIENTS", int64(c.MaxRecipients), 1, 10_000),
+		d("SMTPPOOL_CLIENT_TIMEOUT", c.ClientTimeout, time.Second, 24*time.Hour),
+		d("SMTPPOOL_SHUTDOWN_TIMEOUT", c.ShutdownTimeout, time.Millisecond, time.Hour),
+	}
+}
+
+// isDomain reports whether name is a syntactically valid domain name, as
+// the greeting and EHLO need: dot-separated labels of letters, digits and
+// inner hyphens.
+func isDomain(name string) bool {
+	name = strings.TrimSuffix(name, ".")
+	if name == "" || len(name) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(name, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, ch := range label {
+			if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // joinErrors joins errs on one line, so that start-up fails with one line.
@@ -210,15 +268,18 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 
 func (c *config) proxyConfig(logger *slog.Logger) proxy.Config {
 	return proxy.Config{
-		Hostname:        c.Hostname,
-		MaxMessageBytes: c.MaxMessageBytes,
-		MaxRecipients:   c.MaxRecipients,
-		AcquireTimeout:  c.AcquireTimeout,
-		MaxAttempts:     c.MaxAttempts,
-		RetryBackoff:    c.RetryBackoff,
-		RetryBackoffMax: c.RetryBackoffMax,
-		ClientTimeout:   c.ClientTimeout,
-		Logger:          logger,
+		Hostname:           c.Hostname,
+		MaxMessageBytes:    c.MaxMessageBytes,
+		MaxRecipients:      c.MaxRecipients,
+		AcquireTimeout:     c.AcquireTimeout,
+		MaxBufferBytes:     c.MaxBufferBytes,
+		RetryTimeout:       c.RetryTimeout,
+		MaxAttempts:        c.MaxAttempts,
+		RetryBackoff:       c.RetryBackoff,
+		RetryBackoffMax:    c.RetryBackoffMax,
+		TransactionTimeout: c.TransactionTimeout,
+		ClientTimeout:      c.ClientTimeout,
+		Logger:             logger,
 	}
 }
 
@@ -231,11 +292,13 @@ func (c config) LogValue() slog.Value {
 		slog.String("upstream_tls", c.UpstreamTLS.String()),
 		slog.Bool("upstream_auth", c.UpstreamUsername != ""),
 		slog.Int("max_conns", int(c.MaxConns)),
-		slog.Duration("acquire_timeout", c.AcquireTimeout),
+		slog.String("acquire_timeout", c.AcquireTimeout.String()),
+		slog.String("retry_timeout", c.RetryTimeout.String()),
 		slog.Int("max_attempts", c.MaxAttempts),
 		slog.Int("max_messages_per_conn", c.MaxMessagesPerConn),
-		slog.Duration("max_conn_lifetime", c.MaxConnLifetime),
+		slog.String("max_conn_lifetime", c.MaxConnLifetime.String()),
 		slog.Int64("max_message_bytes", c.MaxMessageBytes),
+		slog.String("shutdown_timeout", c.ShutdownTimeout.String()),
 	)
 }
 

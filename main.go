@@ -27,6 +27,9 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// Once the first signal has started the shutdown, the default handling
+	// returns: a second signal ends the process at once.
+	context.AfterFunc(ctx, stop)
 	err := run(ctx, os.Args[1:], os.Environ(), os.Stderr)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
@@ -49,7 +52,7 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 		return err
 	}
 	if cfg.Hostname == "" {
-		cfg.Hostname, _ = os.Hostname()
+		cfg.Hostname = defaultHostname()
 	}
 	logger := newLogger(cfg, stderr)
 
@@ -71,7 +74,6 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	defer p.Close()
 
 	// relayCtx ends only when the shutdown timeout has passed: until then,
 	// transactions in flight keep waiting and retrying.
@@ -81,6 +83,7 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 
 	ln, err := proxy.Listen(ctx, cfg.ListenAddr)
 	if err != nil {
+		p.Close() // nothing is open yet
 		return fmt.Errorf("SMTPPOOL_LISTEN_ADDR: %w", err)
 	}
 	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "config", cfg)
@@ -92,26 +95,30 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	go func() { served <- srv.Serve(ln) }()
 	select {
 	case err := <-served:
+		stopRelay()
+		closePool(p, logger)
 		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
 	case <-ctx.Done():
 	}
 
-	logger.Info("shutting down: no new connections; open ones may finish", "timeout", cfg.ShutdownTimeout)
+	logger.Info("shutting down: no new connections; open ones may finish", "timeout", cfg.ShutdownTimeout.String())
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
-		logger.Warn("shutdown timeout passed; closing client connections")
+		// Transactions still running get no 250: their waits and upstream
+		// commands are cut short, and their clients disconnected.
+		logger.Warn("shutdown timeout passed; ending the remaining transactions and closing client connections")
 		stopRelay()
 		ln.CloseConnections()
 	}
 	closePool(p, logger)
-	logger.Info("stopped")
+	logger.Info("stopped", "pool", p.Stat())
 	return nil
 }
 
 // poolCloseTimeout bounds the wait for upstream sessions still in use at
 // shutdown, after which smtppool exits without their QUIT.
-const poolCloseTimeout = 10 * time.Second
+const poolCloseTimeout = 5 * time.Second
 
 // closePool closes the upstream sessions with QUIT, waiting at most
 // poolCloseTimeout for those still relaying.
@@ -124,8 +131,17 @@ func closePool(p *pool.Pool, logger *slog.Logger) {
 	select {
 	case <-closed:
 	case <-time.After(poolCloseTimeout):
-		logger.Warn("upstream sessions still busy; exiting without closing them", "waited", poolCloseTimeout)
+		logger.Warn("upstream sessions still busy; exiting without closing them", "waited", poolCloseTimeout.String())
 	}
+}
+
+// defaultHostname is the host name for the greeting and EHLO when
+// SMTPPOOL_HOSTNAME is unset: the system's, if it is a valid domain name.
+func defaultHostname() string {
+	if h, err := os.Hostname(); err == nil && isDomain(h) {
+		return h
+	}
+	return "localhost"
 }
 
 // parseArgs handles -h and the optional "demo" command.

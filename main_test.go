@@ -29,9 +29,10 @@ func TestConfigDefaults(t *testing.T) {
 		UpstreamTLS:        pool.TLSOpportunistic,
 		MaxConns:           5,
 		AcquireTimeout:     2 * time.Minute,
-		MaxAttempts:        4,
+		RetryTimeout:       2 * time.Minute,
 		RetryBackoff:       250 * time.Millisecond,
 		RetryBackoffMax:    4 * time.Second,
+		TransactionTimeout: 15 * time.Minute,
 		MaxConnLifetime:    10 * time.Minute,
 		MaxConnIdleTime:    time.Minute,
 		MaxMessagesPerConn: 100,
@@ -41,7 +42,7 @@ func TestConfigDefaults(t *testing.T) {
 		MaxMessageBytes:    33554432,
 		MaxRecipients:      100,
 		ClientTimeout:      5 * time.Minute,
-		ShutdownTimeout:    30 * time.Second,
+		ShutdownTimeout:    20 * time.Second,
 		LogFormat:          "json",
 	}
 	if cfg != want {

@@ -105,6 +105,14 @@ type Config struct {
 	// idle and expired sessions; default 10 seconds.
 	HealthCheckPeriod time.Duration
 
+	// ProbeBackoff is the least pause, after a session failed to be set up,
+	// before one dial probes the upstream again; it doubles with each failed
+	// probe, plus up to half again at random; default 250 milliseconds.
+	ProbeBackoff time.Duration
+
+	// ProbeBackoffMax caps the pause between probes; default 2 seconds.
+	ProbeBackoffMax time.Duration
+
 	// ConnectTimeout bounds dialling plus greeting, EHLO, STARTTLS and AUTH
 	// of a new session; default 30 seconds.
 	ConnectTimeout time.Duration
@@ -153,6 +161,8 @@ func (c Config) withDefaults() (Config, error) {
 	setDefault(&c.MaxMessagesPerConn, 100)
 	setDefault(&c.PingAfterIdle, 5*time.Second)
 	setDefault(&c.HealthCheckPeriod, 10*time.Second)
+	setDefault(&c.ProbeBackoff, 250*time.Millisecond)
+	setDefault(&c.ProbeBackoffMax, 2*time.Second)
 	setDefault(&c.ConnectTimeout, 30*time.Second)
 	setDefault(&c.CommandTimeout, time.Minute)
 	setDefault(&c.DataTimeout, 10*time.Minute)
@@ -163,7 +173,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	if c.MaxConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
-		c.PingAfterIdle < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
+		c.PingAfterIdle < 0 || c.ProbeBackoff < 0 || c.ProbeBackoffMax < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
 		return c, errors.New("pool: Config limits and durations must not be negative")
 	}
 	return c, nil

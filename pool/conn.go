@@ -1,10 +1,12 @@
 package pool
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -13,11 +15,14 @@ import (
 
 // Conn is a session lent out by Acquire for one mail transaction. Its
 // methods send one command each and return the upstream's rejection as an
-// error that wraps *smtp.SMTPError; any other error is a failure of the
-// connection. A Conn is not safe for concurrent use.
+// error that wraps *smtp.SMTPError; an error wrapping ErrInvalidArgument is
+// refused locally; any other error is a failure of the connection. Each
+// method gives up when its context ends, and the session is then broken. A
+// Conn is not safe for concurrent use.
 type Conn struct {
-	res  *puddle.Resource[*session]
-	pool *Pool
+	res      *puddle.Resource[*session]
+	pool     *Pool
+	released bool
 }
 
 // ID identifies the session in logs; it counts sessions from 1.
@@ -25,6 +30,10 @@ func (c *Conn) ID() uint64 { return c.res.Value().id }
 
 // TLS reports whether the session is encrypted.
 func (c *Conn) TLS() bool { return c.res.Value().tls }
+
+// Reused reports whether the session carried a transaction before this
+// one, as opposed to being freshly set up for it.
+func (c *Conn) Reused() bool { return c.res.Value().transactions > 1 }
 
 // Extension reports whether the upstream advertised ext in EHLO, and its
 // parameter.
@@ -46,29 +55,53 @@ func (c *Conn) MaxMessageSize() (size int64, ok bool) {
 	return n, true
 }
 
+// ErrInvalidArgument means a command was refused before it was sent: its
+// argument holds CR, LF or NUL, which would end or corrupt the command line.
+// The session stays healthy.
+var ErrInvalidArgument = errors.New("argument contains CR, LF or NUL")
+
+// checkArgument refuses what go-smtp's client would refuse locally (CR and
+// LF) and NUL, before anything is sent.
+func checkArgument(cmd, arg string) error {
+	if strings.ContainsAny(arg, "\r\n\x00") {
+		return fmt.Errorf("upstream %s: %w", cmd, ErrInvalidArgument)
+	}
+	return nil
+}
+
 // Mail starts a transaction with MAIL FROM.
-func (c *Conn) Mail(from string, opts *smtp.MailOptions) error {
+func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) error {
+	if err := checkArgument("MAIL", from); err != nil {
+		return err
+	}
 	s := c.res.Value()
 	s.dirty = true
-	return s.fail("MAIL", s.client.Mail(from, opts))
+	defer s.bind(ctx)()
+	return s.fail(ctx, "MAIL", s.client.Mail(from, opts))
 }
 
 // Rcpt adds a recipient with RCPT TO.
-func (c *Conn) Rcpt(to string, opts *smtp.RcptOptions) error {
+func (c *Conn) Rcpt(ctx context.Context, to string, opts *smtp.RcptOptions) error {
+	if err := checkArgument("RCPT", to); err != nil {
+		return err
+	}
 	s := c.res.Value()
-	return s.fail("RCPT", s.client.Rcpt(to, opts))
+	defer s.bind(ctx)()
+	return s.fail(ctx, "RCPT", s.client.Rcpt(to, opts))
 }
 
 // Data sends DATA, then msg, then the final dot, and waits for the
-// upstream's verdict on the message. msg reads the message as received,
-// lines ending in CRLF, without dot-stuffing. When the connection fails
-// after the final dot was written and before the reply, the error wraps
-// ErrNoReply.
-func (c *Conn) Data(msg io.Reader) error {
+// upstream's verdict on the message. It returns the text of the upstream's
+// 2xx reply (often with its queue id) when it accepted the message. msg
+// reads the message as received, lines ending in CRLF, without
+// dot-stuffing. When the connection fails after the final dot was written
+// and before the reply, the error wraps ErrNoReply.
+func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error) {
 	s := c.res.Value()
+	defer s.bind(ctx)()
 	w, err := s.client.Data()
 	if err != nil {
-		return s.fail("DATA", err)
+		return "", s.fail(ctx, "DATA", err)
 	}
 	// go-smtp bounds the wait for each reply, not the writing of the
 	// message: an upstream that stops reading would block it for ever.
@@ -76,39 +109,51 @@ func (c *Conn) Data(msg io.Reader) error {
 	s.conn.writeFailed = false
 	if _, err := io.Copy(w, msg); err != nil {
 		s.broken = true
-		return fmt.Errorf("upstream DATA: write message: %w", err)
+		return "", s.fail(ctx, "DATA", fmt.Errorf("write message: %w", err))
 	}
-	err = w.Close()
+	resp, err := w.CloseWithResponse()
 	var smtpErr *smtp.SMTPError
-	if err == nil || errors.As(err, &smtpErr) {
-		s.dirty = false
-		s.messages++
-		c.pool.stats.messages.Add(1)
-		return s.fail("end of DATA", err)
+	switch {
+	case err == nil:
+		reply = resp.StatusText
+	case errors.As(err, &smtpErr) && smtpErr.Code/100 == 2:
+		// go-smtp expects exactly 250; any 2xx accepts the message, and
+		// sending it again would deliver it twice.
+		reply, err = smtpErr.Message, nil
+	case errors.As(err, &smtpErr):
+	default:
+		s.broken = true
+		if !s.conn.writeFailed {
+			err = fmt.Errorf("%w: %w", ErrNoReply, err)
+		}
+		return "", s.fail(ctx, "end of DATA", err)
 	}
-	s.broken = true
-	if !s.conn.writeFailed {
-		return fmt.Errorf("upstream end of DATA: %w: %w", ErrNoReply, err)
-	}
-	return fmt.Errorf("upstream end of DATA: %w", err)
+	s.dirty = false
+	s.messages++
+	c.pool.stats.messages.Add(1)
+	return reply, s.fail(ctx, "end of DATA", err)
 }
 
-// reset aborts the unfinished transaction with RSET. go-smtp's Client.Reset
-// makes the client send EHLO again before its next command, and a failure
-// there would be swallowed by Extension, so EHLO is sent here, where a
-// failure marks the session broken.
-func (s *session) reset(localName string) error {
-	if err := s.client.Reset(); err != nil {
-		return err
+// bind makes the session give up when ctx ends, by closing its connection
+// (which also unblocks a command waiting for its reply), and returns the
+// function that stops watching ctx.
+func (s *session) bind(ctx context.Context) (stop func()) {
+	if ctx.Done() == nil {
+		return func() {}
 	}
-	return s.client.Hello(localName)
+	unwatch := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	return func() { unwatch() }
 }
 
-// fail marks the session broken after an I/O error or a 421 and wraps err
-// with the command's name.
-func (s *session) fail(cmd string, err error) error {
+// fail marks the session broken after an I/O error, a 421 or the end of
+// ctx, and wraps err with the command's name (and ctx's cause).
+func (s *session) fail(ctx context.Context, cmd string, err error) error {
 	if err == nil {
 		return nil
+	}
+	if ctx.Err() != nil {
+		s.broken = true
+		return fmt.Errorf("upstream %s: %w (%w)", cmd, err, context.Cause(ctx))
 	}
 	var smtpErr *smtp.SMTPError
 	if !errors.As(err, &smtpErr) || smtpErr.Code == 421 {
@@ -117,13 +162,23 @@ func (s *session) fail(cmd string, err error) error {
 	return fmt.Errorf("upstream %s: %w", cmd, err)
 }
 
-// Release returns the session to the pool: after RSET when a transaction
-// was left unfinished, and not at all when it is broken, failed RSET or has
-// reached its lifetime or message limit. Release must be called once, and
-// the Conn not used after.
+// Release returns the session to the pool. A session left in the middle of
+// a transaction is reset with RSET when the pool has no credentials, and
+// closed otherwise: go-smtp's client follows RSET with EHLO, after which
+// some upstreams forget the AUTH. A broken session, or one at its lifetime
+// or message limit, is closed too. Release may be called more than once;
+// the Conn must not be used after.
 func (c *Conn) Release() {
+	if c.released {
+		return
+	}
+	c.released = true
 	s := c.res.Value()
 	if s.dirty && !s.broken {
+		if c.pool.cfg.Auth != nil {
+			c.pool.destroy(c.res, closeUnfinished)
+			return
+		}
 		if err := s.reset(c.pool.cfg.LocalName); err != nil {
 			c.pool.log.Debug("upstream session failed RSET", "session", s.id, "err", err)
 			s.broken = true
@@ -139,11 +194,27 @@ func (c *Conn) Release() {
 
 // Discard closes the session instead of returning it to the pool, with QUIT
 // unless it is broken. Use it when the session failed a transaction in a way
-// that a fresh session might not.
+// that a fresh session might not. Discard after Release, or twice, does
+// nothing.
 func (c *Conn) Discard() {
+	if c.released {
+		return
+	}
+	c.released = true
 	reason := closeDiscarded
 	if c.res.Value().broken {
 		reason = closeBroken
 	}
 	c.pool.destroy(c.res, reason)
+}
+
+// reset aborts the unfinished transaction with RSET. go-smtp's Client.Reset
+// makes the client send EHLO again before its next command, and a failure
+// there would be swallowed by Extension, so EHLO is sent here, where a
+// failure marks the session broken.
+func (s *session) reset(localName string) error {
+	if err := s.client.Reset(); err != nil {
+		return err
+	}
+	return s.client.Hello(localName)
 }

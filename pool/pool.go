@@ -6,14 +6,18 @@
 // at any moment, counting those being dialled, so the upstream never sees
 // more connections than that. Sessions are checked when they are acquired
 // (NOOP after an idle spell), when they are released (a broken session is
-// destroyed, an unfinished transaction is reset with RSET) and by a
-// background loop that closes idle and expired sessions.
+// destroyed, an unfinished transaction is reset or the session closed) and
+// by a background loop that closes idle and expired sessions. While the
+// upstream cannot be reached, one dial at a time probes it, with backoff,
+// and other dials wait for that probe instead of hammering the upstream.
 package pool
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,11 +35,14 @@ type Pool struct {
 	p       *puddle.Pool[*session]
 	stats   counters
 	waiting atomic.Int32 // Acquire calls in progress
+	probe   prober
 
-	// In opportunistic mode: noStartTLS records that the upstream did not
-	// offer STARTTLS, tlsKnown that a session has been set up, which tells
-	// whether it does; until then tlsProbe sets sessions up one at a time.
-	noStartTLS atomic.Bool
+	// plainUntil, in opportunistic mode, is when the knowledge that the
+	// upstream does not offer STARTTLS expires (Unix nanoseconds); until
+	// then sessions without credentials skip the attempt. tlsKnown says a
+	// session has been set up, which tells; until then tlsProbe sets
+	// sessions up one at a time, so that a burst finds out once.
+	plainUntil atomic.Int64
 	tlsKnown   atomic.Bool
 	tlsProbe   sync.Mutex
 
@@ -54,12 +61,14 @@ func New(cfg Config) (*Pool, error) {
 	p := &Pool{
 		cfg:    cfg,
 		log:    cfg.Logger,
+		probe:  prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax},
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 	}
+	p.probe.up.Store(true)
 	p.p, err = puddle.NewPool(&puddle.Config[*session]{
 		Constructor: p.connect,
-		Destructor:  func(s *session) { s.close() },
+		Destructor:  p.closeSession,
 		MaxSize:     cfg.MaxConns,
 	})
 	if err != nil {
@@ -72,12 +81,15 @@ func New(cfg Config) (*Pool, error) {
 // Acquire returns a session ready for a new transaction, dialling one if
 // none is idle and the cap allows, or waiting until one is released. It
 // returns ctx's error when ctx ends first, the error of the dial or
-// handshake when a new session could not be set up, and ErrClosed after
-// Close. The caller must Release the Conn.
+// handshake when a new session could not be set up (wrapping ErrUpstreamDown
+// when a recent dial failed and the next probe is not due yet), and
+// ErrClosed after Close. The caller must Release the Conn.
 func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	p.waiting.Add(1)
 	defer p.waiting.Add(-1)
-	for {
+	// Each pass either returns or closes a session, so the loop ends; the
+	// bound turns a pool that only yields unusable sessions into an error.
+	for range 2*int(p.cfg.MaxConns) + 2 {
 		res, err := p.p.Acquire(ctx)
 		if err != nil {
 			if errors.Is(err, puddle.ErrClosedPool) {
@@ -85,26 +97,42 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 			}
 			return nil, err
 		}
-		s := res.Value()
-		// A session that has never been lent is exempt from the limits, so
-		// that a tiny MaxConnLifetime cannot make Acquire dial forever.
-		if s.lent {
-			if reason := p.retireReason(res, false); reason != closeNone {
-				p.destroy(res, reason)
-				continue
-			}
+		if p.usable(ctx, res) {
+			res.Value().transactions++
+			return &Conn{res: res, pool: p}, nil
 		}
-		s.lent = true
-		if res.IdleDuration() > p.cfg.PingAfterIdle {
-			if err := s.client.Noop(); err != nil {
-				p.log.Debug("upstream session failed NOOP", "session", s.id, "err", err)
-				s.broken = true
-				p.destroy(res, closeBroken)
-				continue
-			}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
-		return &Conn{res: res, pool: p}, nil
 	}
+	return nil, errors.New("acquire: no usable upstream session after closing expired or broken ones")
+}
+
+// usable checks a session just taken from the pool, and destroys it if it
+// has reached a limit or fails NOOP after an idle spell. A session that has
+// never been lent is exempt from the limits, so that a tiny MaxConnLifetime
+// cannot make Acquire dial forever.
+func (p *Pool) usable(ctx context.Context, res *puddle.Resource[*session]) bool {
+	s := res.Value()
+	if s.transactions > 0 {
+		if reason := p.retireReason(res, false); reason != closeNone {
+			p.destroy(res, reason)
+			return false
+		}
+	}
+	if res.IdleDuration() > p.cfg.PingAfterIdle {
+		stop := s.bind(ctx)
+		err := s.client.Noop()
+		stop()
+		if err != nil {
+			p.log.Debug("upstream session failed NOOP", "session", s.id, "err", err)
+			s.broken = true
+			p.destroy(res, closeBroken)
+			return false
+		}
+		p.probe.up.Store(true)
+	}
+	return true
 }
 
 // Close stops the health check, closes idle sessions with QUIT, and waits
@@ -127,10 +155,12 @@ const (
 	closeIdle
 	closeMessages
 	closeDiscarded
+	closeUnfinished
+	closeShutdown
 	numCloseReasons
 )
 
-var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded"}
+var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "unfinished", "shutdown"}
 
 func (r closeReason) String() string { return closeReasonNames[r] }
 
@@ -155,10 +185,20 @@ func (p *Pool) retireReason(res *puddle.Resource[*session], idle bool) closeReas
 // destructor has closed the connection, so the cap holds while it closes.
 func (p *Pool) destroy(res *puddle.Resource[*session], reason closeReason) {
 	s := res.Value()
-	p.stats.closed[reason].Add(1)
+	s.closeReason = reason
 	p.log.Debug("upstream session closing", "session", s.id, "reason", reason.String(),
 		"messages", s.messages, "age", time.Since(res.CreationTime()).Round(time.Millisecond))
 	res.Destroy()
+}
+
+// closeSession is puddle's destructor: it counts the session's reason for
+// closing (shutdown, when the pool closed it) and ends it.
+func (p *Pool) closeSession(s *session) {
+	if s.closeReason == closeNone {
+		s.closeReason = closeShutdown
+	}
+	p.stats.closed[s.closeReason].Add(1)
+	s.close()
 }
 
 func (p *Pool) healthLoop() {
@@ -184,4 +224,86 @@ func (p *Pool) checkIdle() {
 		}
 		res.ReleaseUnused()
 	}
+}
+
+// ErrUpstreamDown means a recent attempt to set up a session failed and the
+// next probe of the upstream is not due yet; it wraps that attempt's error.
+var ErrUpstreamDown = errors.New("upstream down, waiting to probe it again")
+
+// prober lets one dial at a time probe an upstream that failed to set up a
+// session, with backoff between probes. While a probe is in flight, other
+// dials wait for its outcome; while none is due, they fail at once with the
+// last error.
+type prober struct {
+	base, max time.Duration
+	up        atomic.Bool // the last dial or health check succeeded
+
+	mu       sync.Mutex
+	down     bool          // the last session set-up failed
+	lastErr  error         // why
+	inFlight chan struct{} // closed when the probe in flight ends; nil if none
+	next     time.Time     // when the next probe is due
+	delay    time.Duration // the pause before the next probe after a failure
+}
+
+// dial sets up a session with connect, through the prober's gate.
+func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*session, error)) (*session, error) {
+	for {
+		pr.mu.Lock()
+		switch {
+		case !pr.down:
+			pr.mu.Unlock()
+			s, err := connect(ctx)
+			pr.record(ctx, err, false)
+			return s, err
+		case pr.inFlight != nil:
+			wait := pr.inFlight
+			pr.mu.Unlock()
+			select {
+			case <-wait:
+				continue
+			case <-ctx.Done():
+				return nil, fmt.Errorf("waiting for the upstream probe: %w", context.Cause(ctx))
+			}
+		case time.Now().Before(pr.next):
+			err := pr.lastErr
+			pr.mu.Unlock()
+			return nil, fmt.Errorf("%w: %w", ErrUpstreamDown, err)
+		}
+		done := make(chan struct{})
+		pr.inFlight = done
+		pr.mu.Unlock()
+		s, err := connect(ctx)
+		pr.record(ctx, err, true)
+		pr.mu.Lock()
+		pr.inFlight = nil
+		pr.mu.Unlock()
+		close(done)
+		return s, err
+	}
+}
+
+// record notes the outcome of a session set-up; a failure caused by ctx
+// ending says nothing about the upstream. The pause before the next probe
+// starts at base and doubles with each failed probe, up to max.
+func (pr *prober) record(ctx context.Context, err error, probe bool) {
+	if err != nil && ctx.Err() != nil {
+		return
+	}
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if err == nil {
+		pr.down, pr.lastErr, pr.delay = false, nil, 0
+		pr.up.Store(true)
+		return
+	}
+	switch {
+	case !pr.down:
+		pr.delay = pr.base
+	case probe:
+		pr.delay = min(2*pr.delay, pr.max)
+	}
+	pr.down, pr.lastErr = true, err
+	pr.up.Store(false)
+	pr.next = time.Now().Add(pr.delay + rand.N(pr.delay/2+1))
 }

@@ -56,13 +56,14 @@ func acquire(t *testing.T, p *pool.Pool) *pool.Conn {
 
 // send runs one whole transaction on c.
 func send(c *pool.Conn, id int) error {
-	if err := c.Mail("sender@example.com", nil); err != nil {
+	if err := c.Mail(context.Background(), "sender@example.com", nil); err != nil {
 		return err
 	}
-	if err := c.Rcpt("rcpt@example.com", nil); err != nil {
+	if err := c.Rcpt(context.Background(), "rcpt@example.com", nil); err != nil {
 		return err
 	}
-	return c.Data(strings.NewReader(fmt.Sprintf("Message-ID: <%d@test>\r\nSubject: test\r\n\r\nbody %d\r\n", id, id)))
+	_, err := c.Data(context.Background(), strings.NewReader(fmt.Sprintf("Message-ID: <%d@test>\r\nSubject: test\r\n\r\nbody %d\r\n", id, id)))
+	return err
 }
 
 // waitFor polls cond until it holds or the deadline passes.
@@ -330,17 +331,31 @@ func TestConnectFailures(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			up := startUpstream(t, memsmtp.Options{})
 			up.Inject(memsmtp.Banner, tt.fault)
+			tt.cfg.ProbeBackoff = 500 * time.Millisecond
 			p := newPool(t, up, tt.cfg)
 			_, err := p.Acquire(context.Background())
 			var smtpErr *smtp.SMTPError
 			if err == nil || errors.As(err, &smtpErr) != tt.want421 || (tt.want421 && smtpErr.Code != 421) {
 				t.Fatalf("Acquire: %v; want a 421: %v", err, tt.want421)
 			}
-			if st := p.Stat(); st.ConnectFailures != 1 || st.TotalSessions != 0 {
-				t.Errorf("Stat = %+v, want 1 connect failure and no session", st)
+			if st := p.Stat(); st.ConnectFailures != 1 || st.TotalSessions != 0 || st.UpstreamUp {
+				t.Errorf("Stat = %+v, want 1 connect failure, no session, upstream down", st)
 			}
-			c := acquire(t, p) // the next try dials again and succeeds
-			c.Release()
+			// Until the next probe is due, Acquire fails without dialling.
+			if _, err := p.Acquire(context.Background()); !errors.Is(err, pool.ErrUpstreamDown) || up.Stats().Conns != 1 {
+				t.Errorf("Acquire right after the failure: %v after %d dials; want ErrUpstreamDown after 1", err, up.Stats().Conns)
+			}
+			waitFor(t, "a probe to succeed", func() bool {
+				c, err := p.Acquire(context.Background())
+				if err != nil {
+					return false
+				}
+				c.Release()
+				return true
+			})
+			if !p.Stat().UpstreamUp {
+				t.Error("upstream still reported down after a session was set up")
+			}
 		})
 	}
 }
@@ -474,14 +489,14 @@ func TestStalledUpstreamTimesOutWhileTheMessageIsWritten(t *testing.T) {
 	p := newPool(t, up, pool.Config{DataTimeout: 100 * time.Millisecond})
 	c := acquire(t, p)
 	defer c.Release()
-	if err := c.Mail("sender@example.com", nil); err != nil {
+	if err := c.Mail(context.Background(), "sender@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Rcpt("rcpt@example.com", nil); err != nil {
+	if err := c.Rcpt(context.Background(), "rcpt@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
 	big := strings.Repeat(strings.Repeat("x", 998)+"\r\n", 16<<10) // 16 MiB, more than socket buffers hold
-	err := c.Data(strings.NewReader(big))
+	_, err := c.Data(context.Background(), strings.NewReader(big))
 	var netErr net.Error
 	if !errors.As(err, &netErr) || !netErr.Timeout() {
 		t.Fatalf("Data to a stalled upstream: %v, want a timeout", err)
@@ -495,7 +510,7 @@ func TestEHLOAfterRSETIsSentAtRelease(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{})
 	p := newPool(t, up, pool.Config{})
 	c := acquire(t, p)
-	if err := c.Mail("sender@example.com", nil); err != nil {
+	if err := c.Mail(context.Background(), "sender@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
 	c.Release() // unfinished: RSET, then EHLO

@@ -35,14 +35,15 @@ const quitTimeout = 5 * time.Second
 // and AUTH. It is used by one goroutine at a time: the holder of its Conn, or
 // the pool.
 type session struct {
-	id       uint64
-	client   *smtp.Client
-	conn     *trackedConn
-	tls      bool
-	lent     bool // has been acquired at least once
-	messages int  // messages that reached the end of DATA
-	dirty    bool // a transaction was started and not finished
-	broken   bool // an I/O error or 421: never reuse
+	id           uint64
+	client       *smtp.Client
+	conn         *trackedConn
+	tls          bool
+	transactions int  // times lent by Acquire
+	messages     int  // messages that reached the end of DATA
+	dirty        bool // a transaction was started and not finished
+	broken       bool // an I/O error, a 421 or a cancelled command: never reuse
+	closeReason  closeReason
 }
 
 // trackedConn remembers whether a write failed, which tells a lost reply
@@ -73,19 +74,25 @@ func (s *session) close() {
 }
 
 // connect dials the upstream and takes a new session through greeting, EHLO,
-// STARTTLS and AUTH within ConnectTimeout.
+// STARTTLS and AUTH within ConnectTimeout. While the upstream is down, the
+// prober lets one such attempt at a time through.
 func (p *Pool) connect(ctx context.Context) (*session, error) {
+	return p.probe.dial(ctx, p.setUp)
+}
+
+func (p *Pool) setUp(ctx context.Context) (*session, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	start := time.Now()
 	s, err := p.handshake(ctx)
 	if err != nil {
 		p.stats.connectFailures.Add(1)
+		p.log.Debug("upstream session set-up failed", "err", err, "duration", time.Since(start).String())
 		return nil, err
 	}
 	s.id = p.stats.sessionsOpened.Add(1)
 	p.log.Debug("upstream session opened", "session", s.id, "tls", s.tls,
-		"auth", p.cfg.Auth != nil, "duration", time.Since(start))
+		"auth", p.cfg.Auth != nil, "duration", time.Since(start).String())
 	return s, nil
 }
 
@@ -112,22 +119,33 @@ func (p *Pool) handshake(ctx context.Context) (*session, error) {
 	return s, nil
 }
 
-// greetOpportunistic starts sessions with STARTTLS unless the upstream is
-// known not to offer it. go-smtp cannot upgrade a client that has already
-// read the EHLO reply, so finding out costs a second dial; until one session
-// has been set up, new sessions are set up one at a time, so that a burst of
-// them finds out once.
+// plainTextMemory is how long, in opportunistic mode, the pool remembers
+// that the upstream did not offer STARTTLS, and sets sessions up without
+// trying. After that, the next session tries again.
+const plainTextMemory = time.Minute
+
+// greetOpportunistic starts sessions with STARTTLS unless the upstream was
+// seen without it less than plainTextMemory ago. go-smtp cannot upgrade a
+// client that has already read the EHLO reply, so finding out costs a
+// second dial; until one session has been set up, new sessions are set up
+// one at a time, so that a burst of them finds out once. When credentials
+// would cross in clear text, STARTTLS is always tried and its absence is an
+// error, whatever an earlier session saw.
 func (p *Pool) greetOpportunistic(ctx context.Context) (*session, error) {
 	if !p.tlsKnown.Load() {
 		p.tlsProbe.Lock()
 		defer p.tlsProbe.Unlock()
 	}
-	if p.noStartTLS.Load() {
+	plainOK := p.cfg.Auth == nil || p.cfg.AllowInsecureAuth
+	if plainOK && time.Now().UnixNano() < p.plainUntil.Load() {
 		return p.greet(ctx, false)
 	}
 	s, err := p.greet(ctx, true)
 	if errors.Is(err, ErrTLSUnavailable) {
-		p.noStartTLS.Store(true)
+		p.plainUntil.Store(time.Now().Add(plainTextMemory).UnixNano())
+		if !plainOK {
+			return nil, fmt.Errorf("%w, and credentials are never sent in clear text", err)
+		}
 		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "addr", p.cfg.Addr)
 		s, err = p.greet(ctx, false)
 	}

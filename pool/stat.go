@@ -62,6 +62,16 @@ type Stat struct {
 	ClosedMessages int64
 	// ClosedDiscarded counts healthy sessions discarded by their holder.
 	ClosedDiscarded int64
+	// ClosedUnfinished counts sessions closed because a transaction was
+	// left unfinished on them while the pool authenticates: RSET and the
+	// EHLO after it could lose the AUTH.
+	ClosedUnfinished int64
+	// ClosedShutdown counts sessions closed by Close.
+	ClosedShutdown int64
+
+	// UpstreamUp reports whether the last session set-up or health check
+	// of the upstream succeeded (true before the first).
+	UpstreamUp bool
 }
 
 // Stat returns a snapshot of the pool.
@@ -87,5 +97,8 @@ func (p *Pool) Stat() Stat {
 		ClosedIdle:         p.stats.closed[closeIdle].Load(),
 		ClosedMessages:     p.stats.closed[closeMessages].Load(),
 		ClosedDiscarded:    p.stats.closed[closeDiscarded].Load(),
+		ClosedUnfinished:   p.stats.closed[closeUnfinished].Load(),
+		ClosedShutdown:     p.stats.closed[closeShutdown].Load(),
+		UpstreamUp:         p.probe.up.Load(),
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/smtppool/smtppool/pool"
 )
@@ -33,25 +34,43 @@ type Config struct {
 	// with SIZE; larger ones get 552 5.3.4; default 32 MiB.
 	MaxMessageBytes int64
 
+	// MaxBufferBytes bounds the memory of messages buffered at once, in
+	// bytes; each message takes MaxMessageBytes of it while it is read,
+	// relayed and retried; default 2 × MaxMessageBytes × the pool's
+	// MaxConns.
+	MaxBufferBytes int64
+
 	// MaxRecipients is the most recipients per message; more get 452 4.5.3;
 	// default 100.
 	MaxRecipients int
 
 	// AcquireTimeout is how long a transaction waits for a free upstream
-	// session before it gets 451 4.4.5; default 2 minutes.
+	// session, or for buffer space, before it gets 451 4.4.5; default 2
+	// minutes.
 	AcquireTimeout time.Duration
 
-	// MaxAttempts is the number of tries per transaction when the upstream
-	// fails transiently; default 4.
+	// RetryTimeout is how long, from its first transient failure, a
+	// transaction is retried before the client gets the failure; default 2
+	// minutes.
+	RetryTimeout time.Duration
+
+	// MaxAttempts, when above zero, also bounds the tries per transaction;
+	// default 0, no bound but RetryTimeout.
 	MaxAttempts int
 
-	// RetryBackoff is the least delay before the second try, doubled before
+	// RetryBackoff is the least pause before the second try, doubled before
 	// each further one, plus up to half again at random; default 250
 	// milliseconds.
 	RetryBackoff time.Duration
 
-	// RetryBackoffMax caps the delay between tries; default 4 seconds.
+	// RetryBackoffMax caps the pause between tries; default 4 seconds.
 	RetryBackoffMax time.Duration
+
+	// TransactionTimeout is the longest a client transaction may last, from
+	// MAIL to the reply to its message, holding an upstream session; after
+	// it, the session is released and the client gets 451 4.4.2; default 15
+	// minutes.
+	TransactionTimeout time.Duration
 
 	// ClientTimeout is how long a client may stay silent, or take to read a
 	// reply, before it is disconnected; default 5 minutes.
@@ -74,14 +93,17 @@ func (c Config) withDefaults() Config {
 	if c.AcquireTimeout == 0 {
 		c.AcquireTimeout = 2 * time.Minute
 	}
-	if c.MaxAttempts == 0 {
-		c.MaxAttempts = 4
+	if c.RetryTimeout == 0 {
+		c.RetryTimeout = 2 * time.Minute
 	}
 	if c.RetryBackoff == 0 {
 		c.RetryBackoff = 250 * time.Millisecond
 	}
 	if c.RetryBackoffMax == 0 {
 		c.RetryBackoffMax = 4 * time.Second
+	}
+	if c.TransactionTimeout == 0 {
+		c.TransactionTimeout = 15 * time.Minute
 	}
 	if c.ClientTimeout == 0 {
 		c.ClientTimeout = 5 * time.Minute
@@ -95,17 +117,22 @@ func (c Config) withDefaults() Config {
 // Backend turns client sessions into work for a pool. It implements
 // smtp.Backend.
 type Backend struct {
-	pool *pool.Pool
-	cfg  Config
-	log  *slog.Logger
-	ctx  context.Context
+	pool    *pool.Pool
+	cfg     Config
+	log     *slog.Logger
+	ctx     context.Context
+	buffers *semaphore.Weighted // the MaxBufferBytes budget
 }
 
 // NewBackend returns a backend that relays through p. When ctx ends,
 // transactions stop waiting for sessions or retries and get 421 4.3.2.
 func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
 	cfg = cfg.withDefaults()
-	return &Backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx}
+	if cfg.MaxBufferBytes == 0 {
+		cfg.MaxBufferBytes = 2 * cfg.MaxMessageBytes * int64(p.Stat().MaxSessions)
+	}
+	return &Backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx,
+		buffers: semaphore.NewWeighted(max(cfg.MaxBufferBytes, cfg.MaxMessageBytes))}
 }
 
 // NewServer returns an SMTP server, not yet listening, that relays through
@@ -128,5 +155,5 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 // NewSession implements smtp.Backend. go-smtp calls it at the client's
 // first EHLO or HELO, after the greeting was sent.
 func (b *Backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	return &session{b: b, client: c.Conn().RemoteAddr().String()}, nil
+	return &session{b: b, client: c.Conn().RemoteAddr().String(), conn: clientConnOf(c.Conn())}, nil
 }

@@ -127,3 +127,49 @@ func (r *messageReader) WriteTo(w io.Writer) (int64, error) {
 	}
 	return total, nil
 }
+
+// crlfReader normalises line ends: a CR not followed by LF becomes CRLF.
+// (go-smtp's client turns bare LF into CRLF as it sends.) Some receivers
+// take a bare CR for a line end, so without this a message could smuggle a
+// second one past the upstream.
+type crlfReader struct {
+	r      io.Reader
+	buf    [4096]byte
+	data   []byte // read from r, not yet returned
+	err    error  // r's error, returned once data is drained
+	lastCR bool   // the last byte returned was a CR
+}
+
+func (c *crlfReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		if c.lastCR && (len(c.data) > 0 || c.err != nil) {
+			c.lastCR = false
+			if len(c.data) == 0 || c.data[0] != '\n' {
+				p[n] = '\n'
+				n++
+				continue
+			}
+		}
+		if len(c.data) == 0 {
+			if c.err != nil || n > 0 {
+				break
+			}
+			m, err := c.r.Read(c.buf[:])
+			c.data, c.err = c.buf[:m], err
+			continue
+		}
+		end := len(c.data)
+		if i := bytes.IndexByte(c.data, '\r'); i >= 0 {
+			end = i + 1
+		}
+		m := copy(p[n:], c.data[:end])
+		n += m
+		c.lastCR = m == end && c.data[end-1] == '\r'
+		c.data = c.data[m:]
+	}
+	if n == 0 && c.err != nil {
+		return 0, c.err
+	}
+	return n, nil
+}

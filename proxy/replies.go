@@ -1,10 +1,9 @@
 package proxy
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
-	"math/rand/v2"
-	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -24,6 +23,16 @@ var (
 		Message: "smtppool is shutting down; try again later"}
 	replyClientRead = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Error reading the message"}
+	replyClientGone = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
+		Message: "Transaction ended"}
+	replyTransactionTimeout = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
+		Message: "Transaction took too long; start again"}
+	replyReplayRefused = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
+		Message: "Upstream refused on a retry what it had accepted; try the whole message again later"}
+	replyBadArgument = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
+		Message: "Address contains CR, LF or NUL"}
+	replyChunkingUnverifiable = &smtp.SMTPError{Code: 502, EnhancedCode: smtp.EnhancedCode{5, 5, 1},
+		Message: "BDAT is not available on this connection; use DATA"}
 	replyLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
 		Message: "Message has a line longer than the SMTP limit"}
 	replyNoSMTPUTF8Address = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7},
@@ -40,134 +49,84 @@ var (
 		Message: "No transaction: send MAIL first"}
 )
 
-// Internal outcomes of borrowing a session, turned into replies by classify.
+// Internal outcomes, turned into replies by classify.
 var (
-	errBusy         = errors.New("no upstream session free within the acquire timeout")
-	errShuttingDown = errors.New("shutting down")
-	errSetup        = errors.New("setting up an upstream session")
+	errBusy               = errors.New("no upstream session free within the acquire timeout")
+	errShuttingDown       = errors.New("shutting down")
+	errSetup              = errors.New("setting up an upstream session")
+	errClientGone         = errors.New("client left")
+	errTransactionEnded   = errors.New("transaction ended")
+	errTransactionTimeout = errors.New("transaction timeout")
 )
 
-// classify turns an error from the pool or the upstream into the client's
-// reply, and says whether a fresh session might succeed where this one
-// failed.
+// verdict is what a failed try means.
+type verdict struct {
+	reply *smtp.SMTPError // for the client, if no retry follows
+	retry bool            // another try might succeed
+	// sameSession says the upstream session is healthy and only this step
+	// was refused: the retry reuses it.
+	sameSession bool
+	now         bool // retry without a pause
+}
+
+// classify turns an error from the pool or the upstream, met while relaying
+// cmd, into the client's reply, and says whether another try might succeed.
 //
 //   - An upstream 5xx is final and reaches the client as it is.
-//   - An upstream 4xx is retried; if tries run out, the client gets it, as
-//     451 when it was 421, since the proxy keeps the client's connection.
-//   - 452 4.5.3 (too many recipients) is passed on at once: the client is
-//     expected to send the remaining recipients in another transaction.
+//   - An upstream 4xx is retried on a fresh session; if tries run out, the
+//     client gets it, as 451 when it was 421, since the proxy keeps the
+//     client's connection. A 4xx to RCPT concerns that recipient only, so
+//     it is retried on the same, healthy session.
+//   - 452 to RCPT (too many recipients) and 452 4.5.3 anywhere are passed on
+//     at once: the client is expected to send the remaining recipients in
+//     another transaction.
+//   - A 2xx or 3xx out of sequence means a confused session: retried on a
+//     fresh one.
 //   - Connection failures are retried and end as 451 4.4.0.
 //   - Set-up failures that retrying cannot mend (a 5xx to EHLO or AUTH, such
 //     as a wrong password; no STARTTLS when required; no usable AUTH; an
 //     untrusted certificate) end at once as 451 4.3.5: they are the
 //     operator's to fix, and the message must not bounce for them.
-func classify(err error) (reply *smtp.SMTPError, retry bool) {
+//   - An argument the upstream cannot be sent (CR, LF, NUL) is 501 5.5.4.
+func classify(cmd command, err error) verdict {
 	var smtpErr *smtp.SMTPError
 	var certErr *tls.CertificateVerificationError
 	var recordErr tls.RecordHeaderError
 	switch {
 	case errors.Is(err, errBusy):
-		return replyBusy, false
-	case errors.Is(err, errShuttingDown), errors.Is(err, pool.ErrClosed):
-		return replyShuttingDown, false
+		return verdict{reply: replyBusy}
+	case errors.Is(err, errShuttingDown), errors.Is(err, pool.ErrClosed), errors.Is(err, context.Canceled):
+		return verdict{reply: replyShuttingDown}
+	case errors.Is(err, errClientGone), errors.Is(err, errTransactionEnded):
+		return verdict{reply: replyClientGone}
+	case errors.Is(err, errTransactionTimeout):
+		return verdict{reply: replyTransactionTimeout}
+	case errors.Is(err, pool.ErrInvalidArgument):
+		return verdict{reply: replyBadArgument}
 	case errors.As(err, &smtpErr) && errors.Is(err, errSetup) && smtpErr.Code >= 500:
-		return replyMisconfigured, false
+		return verdict{reply: replyMisconfigured}
 	case errors.As(err, &smtpErr):
-		return classifyReply(smtpErr)
+		return classifyReply(cmd, smtpErr)
 	case errors.Is(err, pool.ErrTLSUnavailable), errors.Is(err, pool.ErrAuthUnavailable),
 		errors.As(err, &certErr), errors.As(err, &recordErr):
-		return replyMisconfigured, false
+		return verdict{reply: replyMisconfigured}
 	}
-	return replyUnavailable, true
+	return verdict{reply: replyUnavailable, retry: true}
 }
 
-func classifyReply(e *smtp.SMTPError) (reply *smtp.SMTPError, retry bool) {
-	reply = &smtp.SMTPError{Code: e.Code, EnhancedCode: e.EnhancedCode, Message: e.Message}
+// classifyReply judges an upstream reply to cmd.
+func classifyReply(cmd command, e *smtp.SMTPError) verdict {
+	reply := &smtp.SMTPError{Code: e.Code, EnhancedCode: e.EnhancedCode, Message: e.Message}
 	switch {
 	case e.Code >= 500 && e.Code < 600:
-		return reply, false
-	case e.Code == 452 && e.EnhancedCode == smtp.EnhancedCode{4, 5, 3}:
-		return reply, false
+		return verdict{reply: reply}
+	case e.Code == 452 && (cmd == cmdRcpt || e.EnhancedCode == smtp.EnhancedCode{4, 5, 3}):
+		return verdict{reply: reply}
 	case e.Code == 421:
 		reply.Code = 451
-		return reply, true
+		return verdict{reply: reply, retry: true}
 	case e.Code >= 400 && e.Code < 500:
-		return reply, true
+		return verdict{reply: reply, retry: true, sameSession: cmd == cmdRcpt}
 	}
-	// A reply out of sequence (a 250 where 354 was due, say): the session is
-	// confused, a fresh one may not be.
-	return replyUnavailable, true
-}
-
-// backoff returns the pause before try number failures+1: base doubled for
-// each failure after the first, plus up to half again at random so that
-// clients failing together spread out, and at most max. With the defaults
-// (250 ms, 4 tries) the pauses add up to between 1.75 and 2.6 seconds,
-// enough to ride out an upstream restart.
-func backoff(failures int, base, max time.Duration) time.Duration {
-	d := min(base, max)
-	for i := 1; i < failures && d < max; i++ {
-		d = min(2*d, max)
-	}
-	return min(d+rand.N(d/2+1), max)
-}
-
-// The checks below fit a transaction to the upstream's extensions. A
-// parameter the upstream lacks is left out only where that changes nothing
-// (SMTPUTF8 on an all-ASCII message, BODY=8BITMIME on a 7-bit one, SIZE);
-// otherwise the client gets an error, and the message is never altered.
-
-// upstreamMailOptions returns the MAIL parameters to send upstream for a
-// transaction from from with opts, or the client's error.
-func upstreamMailOptions(c *pool.Conn, from string, opts smtp.MailOptions) (*smtp.MailOptions, error) {
-	if opts.UTF8 && !hasExtension(c, "SMTPUTF8") {
-		if !isASCII(from) {
-			return nil, replyNoSMTPUTF8Address
-		}
-		opts.UTF8 = false
-	}
-	if max, ok := c.MaxMessageSize(); ok && opts.Size > max {
-		return nil, replyTooBigUpstream
-	}
-	// go-smtp's client declares BODY=8BITMIME itself whenever the upstream
-	// offers it; checkMessage refuses 8-bit data when it does not.
-	opts.Body = ""
-	return &opts, nil
-}
-
-// checkRecipient refuses a non-ASCII address the upstream cannot take.
-func checkRecipient(c *pool.Conn, to string) error {
-	if !isASCII(to) && !hasExtension(c, "SMTPUTF8") {
-		return replyNoSMTPUTF8Address
-	}
-	return nil
-}
-
-// checkMessage refuses 8-bit data for an upstream without 8BITMIME, and
-// non-ASCII headers for one without SMTPUTF8.
-func checkMessage(c *pool.Conn, msg *messageBuffer) error {
-	if msg.isASCII() {
-		return nil
-	}
-	if !hasExtension(c, "8BITMIME") {
-		return replyNo8BitMIME
-	}
-	if !hasExtension(c, "SMTPUTF8") && !msg.headerIsASCII() {
-		return replyNoSMTPUTF8Header
-	}
-	return nil
-}
-
-func hasExtension(c *pool.Conn, name string) bool {
-	ok, _ := c.Extension(name)
-	return ok
-}
-
-func isASCII[T string | []byte](s T) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
-			return false
-		}
-	}
-	return true
+	return verdict{reply: replyUnavailable, retry: true}
 }

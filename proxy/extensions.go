@@ -1,0 +1,115 @@
+package proxy
+
+import (
+	"strings"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/pool"
+)
+
+// The checks below fit a transaction to the upstream's extensions. A
+// parameter the upstream lacks is left out only where that changes nothing
+// (SMTPUTF8 on an all-ASCII message, BODY=8BITMIME on a 7-bit one, SIZE);
+// otherwise the client gets an error, and the message is never altered.
+
+// upstreamMailOptions returns the MAIL parameters to send upstream for a
+// transaction from from with opts, or the client's error.
+func upstreamMailOptions(c *pool.Conn, from string, opts smtp.MailOptions) (*smtp.MailOptions, error) {
+	if opts.UTF8 && !hasExtension(c, "SMTPUTF8") {
+		if !isASCII(from) {
+			return nil, replyNoSMTPUTF8Address
+		}
+		opts.UTF8 = false
+	}
+	if max, ok := c.MaxMessageSize(); ok && opts.Size > max {
+		return nil, replyTooBigUpstream
+	}
+	// go-smtp's client declares BODY=8BITMIME itself whenever the upstream
+	// offers it; checkMessage refuses 8-bit data when it does not.
+	opts.Body = ""
+	return &opts, nil
+}
+
+// checkRecipient refuses a non-ASCII address the upstream cannot take.
+func checkRecipient(c *pool.Conn, to string) error {
+	if !isASCII(to) && !hasExtension(c, "SMTPUTF8") {
+		return replyNoSMTPUTF8Address
+	}
+	return nil
+}
+
+// checkMessage refuses 8-bit data for an upstream without 8BITMIME, and
+// non-ASCII headers for one without SMTPUTF8.
+func checkMessage(c *pool.Conn, msg *messageBuffer) error {
+	if msg.isASCII() {
+		return nil
+	}
+	if !hasExtension(c, "8BITMIME") {
+		return replyNo8BitMIME
+	}
+	if !hasExtension(c, "SMTPUTF8") && !msg.headerIsASCII() {
+		return replyNoSMTPUTF8Header
+	}
+	return nil
+}
+
+func hasExtension(c *pool.Conn, name string) bool {
+	ok, _ := c.Extension(name)
+	return ok
+}
+
+func isASCII[T string | []byte](s T) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// upstreamPath writes an address as it goes between the angle brackets of
+// MAIL or RCPT. go-smtp's server removes the quotes of a quoted local part
+// ("john doe"@example.com arrives as john doe@example.com) and its client
+// writes the address as given, so a local part that is not a dot-string is
+// quoted again here.
+func upstreamPath(addr string) string {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 0 {
+		return addr // the null sender, or a bare postmaster
+	}
+	local := addr[:at]
+	if isDotString(local) {
+		return addr
+	}
+	var b strings.Builder
+	b.Grow(len(addr) + 4)
+	b.WriteByte('"')
+	for i := 0; i < len(local); i++ {
+		if local[i] == '"' || local[i] == '\\' {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(local[i])
+	}
+	b.WriteByte('"')
+	b.WriteString(addr[at:])
+	return b.String()
+}
+
+// isDotString reports whether s is an RFC 5321 Dot-string: atoms of atext
+// (and, with SMTPUTF8, non-ASCII bytes) joined by single dots.
+func isDotString(s string) bool {
+	if s == "" || s[0] == '.' || s[len(s)-1] == '.' || strings.Contains(s, "..") {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 0x80, c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		case strings.IndexByte("!#$%&'*+-/=?^_`{|}~.", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}

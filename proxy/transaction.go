@@ -1,0 +1,386 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/pool"
+)
+
+// command names the client command a relay step serves.
+type command string
+
+const (
+	cmdMail command = "MAIL"
+	cmdRcpt command = "RCPT"
+	cmdData command = "DATA"
+)
+
+// transaction is what the client has said in the current transaction, kept
+// to replay it on a fresh upstream session, and the upstream session that
+// carries it.
+type transaction struct {
+	s   *session
+	ctx context.Context // ends with the transaction, its timeout, the client or the relay
+	// cancel ends ctx with a cause: errClientGone, errTransactionTimeout,
+	// errTransactionEnded.
+	cancel context.CancelCauseFunc
+	timer  *time.Timer // the transaction timeout
+
+	// mu is held while a command of the transaction runs, and guards all
+	// that follows.
+	mu    sync.Mutex
+	ended bool
+	up    *pool.Conn // upstream session carrying the transaction, or nil
+
+	from      string
+	opts      smtp.MailOptions
+	mailAcked bool        // the client was told 250 for MAIL
+	rcpts     []recipient // recipients the client was told 250 for
+	msg       messageBuffer
+	reserved  int64 // bytes of the buffer budget held for msg
+
+	start        time.Time
+	attempts     int             // upstream sessions tried
+	failures     int             // transient failures so far
+	bytes        int             // size of the message read
+	firstFailure time.Time       // the first transient failure, which starts the retry window
+	failed       *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
+	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
+	lastCode     int             // the client's last reply code, for the log
+	upstreamText string          // the upstream's reply to the message, with its queue id
+}
+
+type recipient struct {
+	to   string
+	opts *smtp.RcptOptions
+}
+
+func (b *Backend) newTransaction(s *session, from string, opts *smtp.MailOptions) *transaction {
+	ctx, cancel := context.WithCancelCause(b.ctx)
+	tx := &transaction{s: s, ctx: ctx, cancel: cancel, from: from, start: time.Now(), outcome: "abandoned"}
+	if opts != nil {
+		tx.opts = *opts
+	}
+	// The client did not authenticate, so it must not choose the identity
+	// the upstream sees in MAIL's AUTH= parameter.
+	tx.opts.Auth = nil
+	tx.timer = time.AfterFunc(b.cfg.TransactionTimeout, tx.expire)
+	return tx
+}
+
+// relay runs step, the part of cmd that talks to the upstream, on an
+// upstream session that carries the transaction so far. A transient
+// failure discards that session (unless it is healthy and only this step
+// was refused), waits a jittered backoff and tries again on a fresh one,
+// replaying MAIL and the accepted recipients, until RetryTimeout has passed
+// since the first failure (or MaxAttempts tries). It returns nil or a bare
+// *smtp.SMTPError for the client.
+func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn) error) error {
+	if tx.failed != nil {
+		return tx.failed
+	}
+	if tx.ended {
+		return replyNoTransaction
+	}
+	b := tx.s.b
+	for {
+		where, err := tx.try(cmd, step)
+		if err == nil {
+			return nil
+		}
+		v := tx.judge(cmd, where, err)
+		if v.retry {
+			tx.failures++
+		}
+		if !v.retry || tx.retriesExhausted() {
+			if !v.sameSession {
+				tx.discardUpstream()
+			}
+			tx.lastCode = v.reply.Code
+			tx.logFailure(cmd, err, v.reply)
+			return v.reply
+		}
+		if !v.sameSession {
+			tx.discardUpstream()
+		}
+		if v.now {
+			continue
+		}
+		delay := min(backoff(tx.failures, b.cfg.RetryBackoff, b.cfg.RetryBackoffMax), tx.retryTimeLeft())
+		b.log.Debug("transient upstream failure, retrying", "client", tx.s.client,
+			"command", string(cmd), "failures", tx.failures, "delay", delay.String(),
+			"same_session", v.sameSession, "err", err, "ambiguous", errors.Is(err, pool.ErrNoReply))
+		if !sleep(tx.ctx, delay) {
+			return tx.stopped()
+		}
+	}
+}
+
+// Where a try failed.
+type stage int
+
+const (
+	stageAcquire stage = iota // borrowing an upstream session
+	stageReplay               // replaying what the client was already told was accepted
+	stageStep                 // the command itself
+)
+
+// try runs step, first borrowing an upstream session and replaying the
+// transaction on it if none is held.
+func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) error) (stage, error) {
+	if tx.up == nil {
+		c, err := tx.acquire()
+		if err != nil {
+			return stageAcquire, err
+		}
+		tx.up = c
+		tx.attempts++
+		if err := tx.replay(cmd, c); err != nil {
+			if cmd == cmdMail {
+				return stageStep, err // MAIL itself: nothing was acknowledged yet
+			}
+			return stageReplay, err
+		}
+	}
+	if step == nil {
+		return stageStep, nil
+	}
+	return stageStep, step(tx.s.b.ctx, tx.up)
+}
+
+// acquire borrows an upstream session, waiting at most AcquireTimeout.
+func (tx *transaction) acquire() (*pool.Conn, error) {
+	ctx, cancel := context.WithTimeout(tx.ctx, tx.s.b.cfg.AcquireTimeout)
+	defer cancel()
+	c, err := tx.s.b.pool.Acquire(ctx)
+	switch {
+	case err == nil:
+		return c, nil
+	case tx.ctx.Err() != nil:
+		return nil, context.Cause(tx.ctx)
+	case ctx.Err() != nil:
+		return nil, errBusy
+	}
+	return nil, fmt.Errorf("%w: %w", errSetup, err)
+}
+
+// replay sends the transaction so far, MAIL and the accepted recipients, on
+// a freshly borrowed session.
+func (tx *transaction) replay(cmd command, c *pool.Conn) error {
+	opts, err := upstreamMailOptions(c, tx.from, tx.opts)
+	if err != nil {
+		return err
+	}
+	ctx := tx.s.b.ctx
+	if err := c.Mail(ctx, upstreamPath(tx.from), opts); err != nil {
+		return err
+	}
+	for _, r := range tx.rcpts {
+		if err := c.Rcpt(ctx, upstreamPath(r.to), r.opts); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// judge decides what a failed try means for the transaction, and records
+// it when the transaction can no longer succeed.
+func (tx *transaction) judge(cmd command, where stage, err error) verdict {
+	v := classify(cmd, err)
+	var smtpErr *smtp.SMTPError
+	isReply := errors.As(err, &smtpErr)
+	switch {
+	case isReply && smtpErr.Code == 530 && (cmd == cmdMail || where == stageReplay):
+		// Authentication required at MAIL: a pooled session that lost its
+		// AUTH (some upstreams drop it on a repeated EHLO) is retired and
+		// the transaction retried; a fresh one means the set-up is wrong.
+		if tx.up != nil && tx.up.Reused() {
+			return verdict{reply: replyUnavailable, retry: true, now: true}
+		}
+		return verdict{reply: replyMisconfigured}
+	case where == stageReplay && isReply && smtpErr.Code >= 500:
+		// The upstream refused on replay what the client was already told
+		// had been accepted: the client must not get a permanent failure
+		// for it, and this transaction cannot succeed.
+		tx.failed = replyReplayRefused
+		return verdict{reply: replyReplayRefused}
+	}
+	return v
+}
+
+// retriesExhausted reports whether the retry window (or the optional
+// limit on tries) leaves no room for another try, starting the window at
+// the first failure.
+func (tx *transaction) retriesExhausted() bool {
+	cfg := tx.s.b.cfg
+	if tx.firstFailure.IsZero() {
+		tx.firstFailure = time.Now()
+	}
+	return tx.retryTimeLeft() <= 0 || (cfg.MaxAttempts > 0 && tx.failures >= cfg.MaxAttempts)
+}
+
+func (tx *transaction) retryTimeLeft() time.Duration {
+	return tx.s.b.cfg.RetryTimeout - time.Since(tx.firstFailure)
+}
+
+// stopped returns the reply for a transaction whose context ended.
+func (tx *transaction) stopped() error {
+	v := classify("", context.Cause(tx.ctx))
+	tx.lastCode = v.reply.Code
+	return v.reply
+}
+
+// reserveBuffer takes the message's share of the buffer budget before it
+// is read. When none is free, it first gives the upstream session back, so
+// that transactions that hold the budget and wait for a session can finish.
+func (tx *transaction) reserveBuffer() error {
+	b := tx.s.b
+	n := b.cfg.MaxMessageBytes
+	if b.buffers.TryAcquire(n) {
+		tx.reserved = n
+		return nil
+	}
+	tx.releaseUpstream()
+	ctx, cancel := context.WithTimeout(tx.ctx, b.cfg.AcquireTimeout)
+	defer cancel()
+	if err := b.buffers.Acquire(ctx, n); err != nil {
+		if tx.ctx.Err() != nil {
+			return tx.stopped()
+		}
+		tx.lastCode = replyBusy.Code
+		return replyBusy
+	}
+	tx.reserved = n
+	return nil
+}
+
+// releaseBuffer frees the message's buffer and its share of the budget.
+func (tx *transaction) releaseBuffer() {
+	tx.msg.release()
+	if tx.reserved > 0 {
+		tx.s.b.buffers.Release(tx.reserved)
+		tx.reserved = 0
+	}
+}
+
+// readMessage reads the client's message into the buffer, normalising
+// bare CR and LF line ends to CRLF.
+func (tx *transaction) readMessage(r io.Reader) error {
+	_, err := tx.msg.ReadFrom(&crlfReader{r: r})
+	var smtpErr *smtp.SMTPError
+	switch {
+	case err == nil && int64(tx.msg.Len()) > tx.s.b.cfg.MaxMessageBytes:
+		err = smtp.ErrDataTooLarge
+	case err == nil:
+		tx.bytes = tx.msg.Len()
+		return nil
+	}
+	tx.outcome = "unread"
+	switch {
+	case errors.As(err, &smtpErr):
+		return smtpErr // 552 5.3.4 from go-smtp's size limit
+	case errors.Is(err, smtp.ErrTooLongLine):
+		return replyLineTooLong
+	}
+	return replyClientRead
+}
+
+// delivered records the upstream's acceptance of the message.
+func (tx *transaction) delivered(upstreamReply string) {
+	tx.outcome, tx.lastCode, tx.upstreamText = "delivered", 250, upstreamReply
+}
+
+// discardUpstream closes the held session rather than reusing it, so that a
+// retry starts on a fresh one.
+func (tx *transaction) discardUpstream() {
+	if tx.up != nil {
+		tx.up.Discard()
+		tx.up = nil
+	}
+}
+
+// releaseUpstream gives the held session back to the pool.
+func (tx *transaction) releaseUpstream() {
+	if tx.up != nil {
+		tx.up.Release()
+		tx.up = nil
+	}
+}
+
+// expire ends a transaction that has lasted TransactionTimeout: a client
+// that holds an upstream session (with NOOPs, say) cannot pin it for ever.
+func (tx *transaction) expire() {
+	tx.cancel(errTransactionTimeout)
+	tx.mu.Lock()
+	defer tx.mu.Unlock()
+	if tx.ended {
+		return
+	}
+	if tx.failed == nil {
+		tx.failed = replyTransactionTimeout
+	}
+	tx.releaseUpstream()
+}
+
+// end ends the transaction from outside a command: it stops any wait of a
+// command still running, then releases the upstream session.
+func (tx *transaction) end() {
+	tx.cancel(errTransactionEnded)
+	tx.mu.Lock()
+	defer tx.mu.Unlock()
+	tx.finishLocked()
+}
+
+// finishLocked releases what the transaction holds and logs it, once.
+func (tx *transaction) finishLocked() {
+	if tx.ended {
+		return
+	}
+	tx.ended = true
+	tx.timer.Stop()
+	tx.cancel(errTransactionEnded)
+	tx.releaseUpstream()
+	tx.logEnd()
+}
+
+// logEnd writes the transaction's one info line.
+func (tx *transaction) logEnd() {
+	outcome := tx.outcome
+	switch {
+	case outcome != "abandoned" && outcome != "delivered":
+	case tx.lastCode >= 500:
+		outcome = "rejected"
+	case tx.lastCode >= 400:
+		outcome = "failed"
+	}
+	log := tx.s.b.log
+	attrs := []slog.Attr{
+		slog.String("client", tx.s.client),
+		slog.String("outcome", outcome),
+		slog.Int("attempts", tx.attempts),
+		slog.Int("rcpts", len(tx.rcpts)),
+		slog.Int("bytes", tx.bytes),
+		slog.String("duration", time.Since(tx.start).Round(time.Microsecond).String()),
+	}
+	if tx.lastCode != 0 {
+		attrs = append(attrs, slog.Int("reply", tx.lastCode))
+	}
+	if tx.upstreamText != "" {
+		attrs = append(attrs, slog.String("upstream_reply", tx.upstreamText))
+	}
+	log.LogAttrs(context.Background(), slog.LevelInfo, "transaction", attrs...)
+}
+
+func (tx *transaction) logFailure(cmd command, err error, reply *smtp.SMTPError) {
+	tx.s.b.log.Warn("upstream failure, client told", "client", tx.s.client, "command", string(cmd),
+		"attempts", tx.attempts, "reply", reply.Code, "err", err,
+		"ambiguous", errors.Is(err, pool.ErrNoReply))
+}
