@@ -40,7 +40,7 @@ type config struct {
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" envDefault:"0" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" envDefault:"250ms" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" envDefault:"4s" help:"longest pause between tries"`
-	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" envDefault:"15m" help:"longest a client transaction may hold an upstream session, from MAIL to the reply to its message"`
+	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" envDefault:"15m" help:"longest a client transaction may last once it holds an upstream session, until the reply to its message; then the client gets 451 4.4.2"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" envDefault:"10m" help:"renew an upstream session after this long"`
 	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" envDefault:"1m" help:"close upstream sessions idle longer than this"`
 	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" envDefault:"100" help:"renew an upstream session after this many messages"`
@@ -157,7 +157,7 @@ func (c *config) bounds() []bound {
 	return []bound{
 		n("SMTPPOOL_MAX_CONNS", int64(c.MaxConns), 1, 1000),
 		d("SMTPPOOL_ACQUIRE_TIMEOUT", c.AcquireTimeout, time.Millisecond, time.Hour),
-		d("SMTPPOOL_RETRY_TIMEOUT", c.RetryTimeout, 0, time.Hour),
+		d("SMTPPOOL_RETRY_TIMEOUT", c.RetryTimeout, time.Millisecond, time.Hour),
 		n("SMTPPOOL_MAX_ATTEMPTS", int64(c.MaxAttempts), 0, 1000),
 		d("SMTPPOOL_RETRY_BACKOFF", c.RetryBackoff, time.Millisecond, time.Hour),
 		d("SMTPPOOL_RETRY_BACKOFF_MAX", c.RetryBackoffMax, time.Millisecond, time.Hour),

@@ -73,6 +73,14 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"password twice", append(base, "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret", "SMTPPOOL_UPSTREAM_PASSWORD_FILE=/etc/hostname"), "SMTPPOOL_UPSTREAM_PASSWORD_FILE"},
 		{"missing password file", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app", "SMTPPOOL_UPSTREAM_PASSWORD_FILE=/nonexistent"), "SMTPPOOL_UPSTREAM_PASSWORD_FILE"},
 		{"bad CA file", append(base, "SMTPPOOL_UPSTREAM_CA_FILE=/etc/hostname"), "SMTPPOOL_UPSTREAM_CA_FILE"},
+		{"absurd conns", append(base, "SMTPPOOL_MAX_CONNS=100000"), "SMTPPOOL_MAX_CONNS"},
+		{"absurd retry timeout", append(base, "SMTPPOOL_RETRY_TIMEOUT=48h"), "SMTPPOOL_RETRY_TIMEOUT"},
+		{"negative retry timeout", append(base, "SMTPPOOL_RETRY_TIMEOUT=-1s"), "SMTPPOOL_RETRY_TIMEOUT"},
+		{"backoff above its maximum", append(base, "SMTPPOOL_RETRY_BACKOFF=10s", "SMTPPOOL_RETRY_BACKOFF_MAX=1s"), "SMTPPOOL_RETRY_BACKOFF_MAX"},
+		{"tiny message limit", append(base, "SMTPPOOL_MAX_MESSAGE_BYTES=10"), "SMTPPOOL_MAX_MESSAGE_BYTES"},
+		{"buffer smaller than a message", append(base, "SMTPPOOL_MAX_BUFFER_BYTES=1024"), "SMTPPOOL_MAX_BUFFER_BYTES"},
+		{"hostname not a domain", append(base, "SMTPPOOL_HOSTNAME=my host"), "SMTPPOOL_HOSTNAME"},
+		{"hostname with a bad label", append(base, "SMTPPOOL_HOSTNAME=-relay.example"), "SMTPPOOL_HOSTNAME"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -106,6 +114,10 @@ func TestConfigAccepts(t *testing.T) {
 	}, false)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=a.example:25", "SMTPPOOL_HOSTNAME=relay-1.corp.example",
+		"SMTPPOOL_MAX_ATTEMPTS=0", "SMTPPOOL_RETRY_TIMEOUT=1s", "SMTPPOOL_MAX_BUFFER_BYTES=67108864"}, false); err != nil {
+		t.Errorf("valid hostname, no retries, explicit buffer: %v", err)
 	}
 	if cfg.UpstreamPassword != "s3cret" || cfg.UpstreamTLS != pool.TLSStartTLS {
 		t.Errorf("password %q, TLS %v; want the file's password without its newline, and starttls", cfg.UpstreamPassword, cfg.UpstreamTLS)
@@ -290,5 +302,44 @@ func TestShutdownClosesClientsThatOutstayTheTimeout(t *testing.T) {
 	}
 	if st := up.Stats(); st.Commands["RSET"] != 1 || st.Commands["QUIT"] != 1 {
 		t.Errorf("upstream saw %d RSET and %d QUIT, want the unfinished transaction reset and the session quit", st.Commands["RSET"], st.Commands["QUIT"])
+	}
+}
+
+// TestShutdownKeepsItsTimeoutWhenTheUpstreamStalls: an upstream that
+// stalls its reply to a message for a minute does not hold the process past
+// SMTPPOOL_SHUTDOWN_TIMEOUT plus a few seconds, and the stalled client
+// gets no 250.
+func TestShutdownKeepsItsTimeoutWhenTheUpstreamStalls(t *testing.T) {
+	up, err := memsmtp.Start(memsmtp.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	up.Inject(memsmtp.Data, memsmtp.Fault{Delay: time.Minute})
+	addr, _, stop := startRun(t, nil, []string{"SMTPPOOL_UPSTREAM_ADDR=" + up.Addr, "SMTPPOOL_UPSTREAM_TLS=none",
+		"SMTPPOOL_SHUTDOWN_TIMEOUT=200ms"})
+	sent := make(chan error, 1)
+	go func() {
+		c, err := smtp.Dial(addr)
+		if err != nil {
+			sent <- err
+			return
+		}
+		defer c.Close()
+		sent <- c.SendMail("app@example.com", []string{"user@example.com"}, strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for up.Stats().Commands["DATA"] == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("shutdown took %v with a 200ms timeout", took)
+	}
+	if err := <-sent; err == nil {
+		t.Error("the stalled client got 250")
 	}
 }

@@ -122,7 +122,7 @@ func (p *Pool) handshake(ctx context.Context) (*session, error) {
 // plainTextMemory is how long, in opportunistic mode, the pool remembers
 // that the upstream did not offer STARTTLS, and sets sessions up without
 // trying. After that, the next session tries again.
-const plainTextMemory = time.Minute
+var plainTextMemory = time.Minute
 
 // greetOpportunistic starts sessions with STARTTLS unless the upstream was
 // seen without it less than plainTextMemory ago. go-smtp cannot upgrade a

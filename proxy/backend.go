@@ -15,6 +15,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -66,9 +67,9 @@ type Config struct {
 	// RetryBackoffMax caps the pause between tries; default 4 seconds.
 	RetryBackoffMax time.Duration
 
-	// TransactionTimeout is the longest a client transaction may last, from
-	// MAIL to the reply to its message, holding an upstream session; after
-	// it, the session is released and the client gets 451 4.4.2; default 15
+	// TransactionTimeout is the longest a client transaction may last once
+	// it has an upstream session, until the reply to its message; after it,
+	// the session is released and the client gets 451 4.4.2; default 15
 	// minutes.
 	TransactionTimeout time.Duration
 
@@ -122,6 +123,8 @@ type Backend struct {
 	log     *slog.Logger
 	ctx     context.Context
 	buffers *semaphore.Weighted // the MaxBufferBytes budget
+
+	reservedBytes, reservedPeak atomic.Int64 // of the buffer budget, now and at most
 }
 
 // NewBackend returns a backend that relays through p. When ctx ends,

@@ -22,6 +22,7 @@ import (
 type testEnv struct {
 	up   *memsmtp.Server
 	pool *pool.Pool
+	srv  *smtp.Server
 	addr string
 }
 
@@ -72,7 +73,7 @@ func newEnv(t testing.TB, o options) *testEnv {
 		cancel()
 		p.Close()
 	})
-	return &testEnv{up: up, pool: p, addr: ln.Addr().String()}
+	return &testEnv{up: up, pool: p, srv: srv, addr: ln.Addr().String()}
 }
 
 // dial connects a client to the proxy and says EHLO.
@@ -224,6 +225,18 @@ func TestUpstreamReplyReachesClient(t *testing.T) {
 			name:     "421 at end of DATA until tries run out becomes 451",
 			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: times(memsmtp.Fault{Reply: reply(421, [3]int{4, 3, 2}, "Shutting down")}, 4)},
 			wantStep: "end of DATA", want: reply(451, [3]int{4, 3, 2}, "Shutting down"), wantConns: 4,
+		},
+		{
+			// go-smtp's client expects exactly 250; resending after a 251
+			// would deliver twice.
+			name:       "any 2xx at end of DATA accepts the message",
+			faults:     map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: {{Deliver: true, Reply: reply(251, [3]int{2, 1, 5}, "Accepted")}}},
+			wantCopies: 1, wantConns: 1,
+		},
+		{
+			name:     "452 to RCPT without an enhanced code is not retried",
+			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Rcpt: {{Reply: reply(452, smtp.NoEnhancedCode, "Too many recipients")}}},
+			wantStep: "RCPT", want: reply(452, [3]int{4, 0, 0}, "Too many recipients"), wantConns: 1,
 		},
 		{
 			name:     "452 4.5.3 too many recipients is not retried",

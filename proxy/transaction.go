@@ -32,7 +32,7 @@ type transaction struct {
 	// cancel ends ctx with a cause: errClientGone, errTransactionTimeout,
 	// errTransactionEnded.
 	cancel context.CancelCauseFunc
-	timer  *time.Timer // the transaction timeout
+	timer  *time.Timer // the transaction timeout, from the first upstream session
 
 	// mu is held while a command of the transaction runs, and guards all
 	// that follows.
@@ -72,7 +72,6 @@ func (b *Backend) newTransaction(s *session, from string, opts *smtp.MailOptions
 	// The client did not authenticate, so it must not choose the identity
 	// the upstream sees in MAIL's AUTH= parameter.
 	tx.opts.Auth = nil
-	tx.timer = time.AfterFunc(b.cfg.TransactionTimeout, tx.expire)
 	return tx
 }
 
@@ -143,6 +142,9 @@ func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) e
 		}
 		tx.up = c
 		tx.attempts++
+		if tx.timer == nil {
+			tx.timer = time.AfterFunc(tx.s.b.cfg.TransactionTimeout, tx.expire)
+		}
 		if err := tx.replay(cmd, c); err != nil {
 			if cmd == cmdMail {
 				return stageStep, err // MAIL itself: nothing was acknowledged yet
@@ -245,7 +247,7 @@ func (tx *transaction) reserveBuffer() error {
 	b := tx.s.b
 	n := b.cfg.MaxMessageBytes
 	if b.buffers.TryAcquire(n) {
-		tx.reserved = n
+		tx.reserve(n)
 		return nil
 	}
 	tx.releaseUpstream()
@@ -258,14 +260,24 @@ func (tx *transaction) reserveBuffer() error {
 		tx.lastCode = replyBusy.Code
 		return replyBusy
 	}
-	tx.reserved = n
+	tx.reserve(n)
 	return nil
+}
+
+// reserve records n bytes of the budget as the transaction's.
+func (tx *transaction) reserve(n int64) {
+	b := tx.s.b
+	tx.reserved = n
+	now := b.reservedBytes.Add(n)
+	for peak := b.reservedPeak.Load(); now > peak && !b.reservedPeak.CompareAndSwap(peak, now); peak = b.reservedPeak.Load() {
+	}
 }
 
 // releaseBuffer frees the message's buffer and its share of the budget.
 func (tx *transaction) releaseBuffer() {
 	tx.msg.release()
 	if tx.reserved > 0 {
+		tx.s.b.reservedBytes.Add(-tx.reserved)
 		tx.s.b.buffers.Release(tx.reserved)
 		tx.reserved = 0
 	}
@@ -345,7 +357,9 @@ func (tx *transaction) finishLocked() {
 		return
 	}
 	tx.ended = true
-	tx.timer.Stop()
+	if tx.timer != nil {
+		tx.timer.Stop()
+	}
 	tx.cancel(errTransactionEnded)
 	tx.releaseUpstream()
 	tx.logEnd()

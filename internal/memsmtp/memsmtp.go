@@ -145,9 +145,10 @@ func Start(opts Options) (*Server, error) {
 	s.srv.AllowInsecureAuth = true
 	s.srv.EnableSMTPUTF8 = true
 	s.srv.Debug = commandCounter{s}
-	s.srv.ErrorLog = opts.ErrorLog
-	if s.srv.ErrorLog == nil {
-		s.srv.ErrorLog = log.New(io.Discard, "", 0)
+	// A nil *log.Logger in the interface would not compare equal to nil.
+	s.srv.ErrorLog = log.New(io.Discard, "", 0)
+	if opts.ErrorLog != nil {
+		s.srv.ErrorLog = opts.ErrorLog
 	}
 	if opts.TLS != nil && !opts.ImplicitTLS {
 		s.srv.TLSConfig = opts.TLS

@@ -1,0 +1,233 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+	"github.com/smtppool/smtppool/proxy"
+)
+
+// outage is an upstream that can be taken down and brought back on the
+// same address, in front of a proxy.
+type outage struct {
+	t    *testing.T
+	addr string
+	mu   sync.Mutex
+	up   *memsmtp.Server
+}
+
+func (o *outage) start() {
+	o.t.Helper()
+	up, err := memsmtp.Start(memsmtp.Options{Addr: o.addr})
+	if err != nil {
+		o.t.Fatal(err)
+	}
+	o.mu.Lock()
+	o.up, o.addr = up, up.Addr
+	o.mu.Unlock()
+}
+
+func (o *outage) stop() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.up.Close()
+}
+
+// newOutageEnv starts an upstream and a proxy relaying to it without AUTH.
+func newOutageEnv(t *testing.T, pc pool.Config, xc proxy.Config) (*outage, string) {
+	o := &outage{t: t, addr: "127.0.0.1:0"}
+	o.start()
+	t.Cleanup(o.stop)
+	pc.Addr, pc.TLS = o.addr, pool.TLSNone
+	p, err := pool.New(pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := proxy.NewServer(ctx, p, xc)
+	ln, err := proxy.Listen(ctx, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() {
+		srv.Close()
+		cancel()
+		p.Close()
+	})
+	return o, ln.Addr().String()
+}
+
+// TestRetryWindowRidesOutAnOutage: an upstream that is down for a second
+// costs the client a wait, not its message.
+func TestRetryWindowRidesOutAnOutage(t *testing.T) {
+	o, addr := newOutageEnv(t, pool.Config{ProbeBackoff: 20 * time.Millisecond, ProbeBackoffMax: 100 * time.Millisecond},
+		proxy.Config{RetryBackoff: 10 * time.Millisecond, RetryBackoffMax: 100 * time.Millisecond})
+	o.stop()
+	restarted := make(chan struct{})
+	go func() {
+		defer close(restarted)
+		time.Sleep(time.Second) // the outage itself
+		o.start()
+	}()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("outage")); err != nil {
+		t.Fatalf("send during a one-second outage: %v", err)
+	}
+	<-restarted
+	if n := len(o.up.Messages()); n != 1 {
+		t.Errorf("upstream has %d messages after the outage, want 1", n)
+	}
+}
+
+// TestRetryWindowEnds: past SMTPPOOL_RETRY_TIMEOUT the client hears of the
+// failure, as a 4xx.
+func TestRetryWindowEnds(t *testing.T) {
+	o, addr := newOutageEnv(t, pool.Config{ProbeBackoff: 10 * time.Millisecond},
+		proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: 10 * time.Millisecond, RetryBackoffMax: 50 * time.Millisecond})
+	o.stop()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	err = c.Mail("app@example.com", nil)
+	took := time.Since(start)
+	var got *smtp.SMTPError
+	if !errors.As(err, &got) || got.Code != 451 || got.EnhancedCode != (smtp.EnhancedCode{4, 4, 0}) {
+		t.Fatalf("MAIL with the upstream down: %v, want 451 4.4.0", err)
+	}
+	if took < 300*time.Millisecond {
+		t.Errorf("client told after %v, before the retry window of 300ms", took)
+	}
+}
+
+// TestReplayRefusalIsNotBlamedOnTheNextRecipient: recipients a and b were
+// accepted, the connection drops at c, and on the replay the upstream
+// refuses b. The client was told b was accepted: it gets a 4xx for c and
+// for the message, never a 5xx, and nothing is delivered.
+func TestReplayRefusalIsNotBlamedOnTheNextRecipient(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{}, memsmtp.Fault{Drop: true},
+		memsmtp.Fault{}, memsmtp.Fault{Reply: reply(550, [3]int{5, 1, 1}, "No such user b")})
+	c := e.dial(t)
+	err := send(c, "app@example.com", []string{"a@example.com", "b@example.com", "c@example.com"}, message("replay"))
+	var se *sendErr
+	var got *smtp.SMTPError
+	if !errors.As(err, &se) || se.step != "RCPT" || !errors.As(err, &got) || got.Code != 451 || got.EnhancedCode != (smtp.EnhancedCode{4, 3, 0}) {
+		t.Fatalf("send: %v, want 451 4.3.0 at RCPT c", err)
+	}
+	// The client may go on to DATA with a and b: still a 4xx.
+	w, err := c.Data()
+	if err == nil {
+		w.Write([]byte(message("replay")))
+		err = w.Close()
+	}
+	if !errors.As(err, &got) || got.Code/100 != 4 {
+		t.Errorf("DATA after the refused replay: %v, want a 4xx", err)
+	}
+	if n := e.up.Stats().Messages; n != 0 {
+		t.Errorf("upstream has %d messages, want 0", n)
+	}
+}
+
+// TestPooledSessionThatLostItsAuthIsRetired: a 530 to MAIL on a session
+// that carried mail before means it lost its AUTH (some upstreams drop it
+// on a repeated EHLO): a fresh session carries the message.
+func TestPooledSessionThatLostItsAuthIsRetired(t *testing.T) {
+	e := newEnv(t, options{})
+	c := e.dial(t)
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("first")); err != nil {
+		t.Fatal(err)
+	}
+	e.up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: reply(530, [3]int{5, 7, 0}, "Authentication required")})
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("second")); err != nil {
+		t.Fatalf("send on a pooled session that lost its AUTH: %v", err)
+	}
+	if st := e.up.Stats(); st.Messages != 2 || st.Conns != 2 {
+		t.Errorf("upstream: %d messages over %d connections, want 2 over 2", st.Messages, st.Conns)
+	}
+}
+
+// TestClientsThatLeaveWhileWaitingDoNotUseTheUpstream: during a burst,
+// clients that give up while queued for a session must not take one.
+func TestClientsThatLeaveWhileWaitingDoNotUseTheUpstream(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+	holder := holdSession(t, e)
+	for range 5 {
+		c := rawDial(t, e.addr)
+		c.must("EHLO leaver.test", 250)
+		c.write("MAIL FROM:<leaver@example.com>\r\n")
+		waitFor(t, "the client to queue for a session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
+		c.conn.Close()
+		waitFor(t, "the departed client to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+	}
+	if err := holder.Rcpt("user@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := holder.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(message("held")))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dial(t)
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("live")); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.up.Stats().Commands["MAIL"]; n != 2 {
+		t.Errorf("upstream saw %d MAIL, want 2: the departed clients' must not be sent", n)
+	}
+}
+
+// TestBufferBudgetHoldsWhileRetrying: messages whose relay is being
+// retried keep their buffers, but never more than the budget, and
+// everything is delivered.
+func TestBufferBudgetHoldsWhileRetrying(t *testing.T) {
+	const (
+		clients  = 12
+		maxBytes = 4096
+	)
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1},
+		proxy: proxy.Config{MaxMessageBytes: maxBytes, RetryBackoff: 20 * time.Millisecond, RetryBackoffMax: 50 * time.Millisecond}})
+	e.up.Inject(memsmtp.Data, times(memsmtp.Fault{Drop: true}, 2*clients)...)
+	errs := make(chan error, clients)
+	for i := range clients {
+		go func() {
+			c, err := smtp.Dial(e.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			errs <- send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint("budget", i)))
+		}()
+	}
+	for range clients {
+		if err := <-errs; err != nil {
+			t.Errorf("send: %v", err)
+		}
+	}
+	if n := e.up.Stats().Messages; n != clients {
+		t.Errorf("upstream has %d messages, want %d", n, clients)
+	}
+	// Default budget: 2 × MaxMessageBytes × MaxConns.
+	if peak := proxy.ReservedPeak(e.srv); peak > 2*maxBytes || peak == 0 {
+		t.Errorf("buffers held %d bytes at most, want at most 2 × %d", peak, maxBytes)
+	}
+}
