@@ -19,49 +19,79 @@ import (
 	"github.com/smtppool/smtppool/proxy"
 )
 
-// config is smtppool's whole configuration, read from the environment. The
-// help tags are printed by -h.
+// config is smtppool's whole configuration, read from the environment. Its
+// defaults come from defaultConfig; the help tags, and the default tags of
+// values that are not literal, are printed by -h.
 type config struct {
-	ListenAddr         string `env:"SMTPPOOL_LISTEN_ADDR" envDefault:"127.0.0.1:2525" help:"where clients connect"`
-	AllowRemoteClients bool   `env:"SMTPPOOL_ALLOW_REMOTE_CLIENTS" envDefault:"false" help:"allow a listen address other than loopback; whoever reaches it can send mail as the upstream account"`
-	Hostname           string `env:"SMTPPOOL_HOSTNAME" help:"name in the greeting and in EHLO to the upstream (default: the host name)"`
+	ListenAddr         string `env:"SMTPPOOL_LISTEN_ADDR" help:"where clients connect"`
+	AllowRemoteClients bool   `env:"SMTPPOOL_ALLOW_REMOTE_CLIENTS" help:"allow a listen address other than loopback; whoever reaches it can send mail as the upstream account"`
+	Hostname           string `env:"SMTPPOOL_HOSTNAME" default:"the host name" help:"name in the greeting and in EHLO to the upstream"`
 
-	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" help:"upstream host:port (required, except in demo mode)"`
-	UpstreamTLS          pool.TLSMode `env:"SMTPPOOL_UPSTREAM_TLS" envDefault:"opportunistic" help:"none, opportunistic (STARTTLS when offered), starttls (required) or tls (implicit TLS, port 465)"`
+	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" default:"required" help:"upstream host:port (required, except in demo mode)"`
+	UpstreamTLS          pool.TLSMode `env:"SMTPPOOL_UPSTREAM_TLS" help:"none, opportunistic (STARTTLS when offered), starttls (required) or tls (implicit TLS, port 465)"`
 	UpstreamCAFile       string       `env:"SMTPPOOL_UPSTREAM_CA_FILE" help:"PEM file of CA certificates trusted for the upstream instead of the system roots"`
 	UpstreamUsername     string       `env:"SMTPPOOL_UPSTREAM_USERNAME" help:"upstream AUTH user name (AUTH PLAIN, or LOGIN)"`
 	UpstreamPassword     string       `env:"SMTPPOOL_UPSTREAM_PASSWORD" help:"upstream AUTH password"`
 	UpstreamPasswordFile string       `env:"SMTPPOOL_UPSTREAM_PASSWORD_FILE" help:"file holding the upstream AUTH password (one trailing newline is ignored)"`
-	AllowInsecureAuth    bool         `env:"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH" envDefault:"false" help:"allow sending credentials over an unencrypted upstream connection"`
+	AllowInsecureAuth    bool         `env:"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH" help:"allow sending credentials over an unencrypted upstream connection"`
 
-	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" envDefault:"5" help:"hard cap on upstream connections, never exceeded"`
-	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" envDefault:"2m" help:"how long a transaction may wait for a free upstream session or buffer space"`
-	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" envDefault:"2m" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
-	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" envDefault:"0" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
-	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" envDefault:"250ms" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
-	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" envDefault:"4s" help:"longest pause between tries"`
-	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" envDefault:"15m" help:"longest a client transaction may last once it holds an upstream session, until the reply to its message; then the client gets 451 4.4.2"`
-	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" envDefault:"10m" help:"renew an upstream session after this long"`
-	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" envDefault:"1m" help:"close upstream sessions idle longer than this"`
-	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" envDefault:"100" help:"renew an upstream session after this many messages"`
-	ConnectTimeout     time.Duration `env:"SMTPPOOL_CONNECT_TIMEOUT" envDefault:"30s" help:"limit on dial, greeting, EHLO, STARTTLS and AUTH of a new upstream session"`
-	CommandTimeout     time.Duration `env:"SMTPPOOL_COMMAND_TIMEOUT" envDefault:"1m" help:"limit on each upstream reply"`
-	DataTimeout        time.Duration `env:"SMTPPOOL_DATA_TIMEOUT" envDefault:"10m" help:"limit on the upstream's reply to the end of a message"`
+	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
+	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
+	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
+	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
+	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
+	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" help:"longest pause between tries"`
+	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may last once it holds an upstream session, until the reply to its message; then the client gets 451 4.4.2"`
+	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" help:"renew an upstream session after this long"`
+	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" help:"close upstream sessions idle longer than this"`
+	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" help:"renew an upstream session after this many messages"`
+	ConnectTimeout     time.Duration `env:"SMTPPOOL_CONNECT_TIMEOUT" help:"limit on dial, greeting, EHLO, STARTTLS and AUTH of a new upstream session"`
+	CommandTimeout     time.Duration `env:"SMTPPOOL_COMMAND_TIMEOUT" help:"limit on each upstream reply"`
+	DataTimeout        time.Duration `env:"SMTPPOOL_DATA_TIMEOUT" help:"limit on the upstream's reply to the end of a message"`
 
-	MaxMessageBytes int64         `env:"SMTPPOOL_MAX_MESSAGE_BYTES" envDefault:"33554432" help:"larger messages get 552 5.3.4"`
-	MaxBufferBytes  int64         `env:"SMTPPOOL_MAX_BUFFER_BYTES" help:"memory for messages buffered at once, each counted at SMTPPOOL_MAX_MESSAGE_BYTES (default 2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES)"`
-	MaxRecipients   int           `env:"SMTPPOOL_MAX_RECIPIENTS" envDefault:"100" help:"more recipients per message get 452 4.5.3"`
-	ClientTimeout   time.Duration `env:"SMTPPOOL_CLIENT_TIMEOUT" envDefault:"5m" help:"disconnect a client silent for this long"`
-	ShutdownTimeout time.Duration `env:"SMTPPOOL_SHUTDOWN_TIMEOUT" envDefault:"20s" help:"on SIGTERM, how long open client connections may finish before they are closed; a second signal stops at once"`
+	MaxMessageBytes int64         `env:"SMTPPOOL_MAX_MESSAGE_BYTES" help:"larger messages get 552 5.3.4"`
+	MaxBufferBytes  int64         `env:"SMTPPOOL_MAX_BUFFER_BYTES" default:"2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES" help:"memory for messages buffered at once, each counted at SMTPPOOL_MAX_MESSAGE_BYTES"`
+	MaxRecipients   int           `env:"SMTPPOOL_MAX_RECIPIENTS" help:"more recipients per message get 452 4.5.3"`
+	ClientTimeout   time.Duration `env:"SMTPPOOL_CLIENT_TIMEOUT" help:"disconnect a client silent for this long"`
+	ShutdownTimeout time.Duration `env:"SMTPPOOL_SHUTDOWN_TIMEOUT" help:"on SIGTERM, how long open client connections may finish before they are closed; a second signal stops at once"`
 
-	LogLevel  slog.Level `env:"SMTPPOOL_LOG_LEVEL" envDefault:"info" help:"debug, info, warn or error"`
-	LogFormat string     `env:"SMTPPOOL_LOG_FORMAT" envDefault:"json" help:"json or text"`
+	LogLevel  slog.Level `env:"SMTPPOOL_LOG_LEVEL" help:"debug, info, warn or error"`
+	LogFormat string     `env:"SMTPPOOL_LOG_FORMAT" help:"json or text"`
 }
 
-// loadConfig reads the configuration from environ (KEY=value strings) and
-// checks it. Every error names the variable at fault.
+// defaultConfig is the configuration before the environment is read: the
+// pool's and the proxy's own defaults, and smtppool's.
+func defaultConfig() config {
+	pd, xd := pool.DefaultConfig(), proxy.DefaultConfig()
+	return config{
+		ListenAddr:         "127.0.0.1:2525",
+		UpstreamTLS:        pd.TLS,
+		MaxConns:           pd.MaxConns,
+		AcquireTimeout:     xd.AcquireTimeout,
+		RetryTimeout:       xd.RetryTimeout,
+		MaxAttempts:        xd.MaxAttempts,
+		RetryBackoff:       xd.RetryBackoff,
+		RetryBackoffMax:    xd.RetryBackoffMax,
+		TransactionTimeout: xd.TransactionTimeout,
+		MaxConnLifetime:    pd.MaxConnLifetime,
+		MaxConnIdleTime:    pd.MaxConnIdleTime,
+		MaxMessagesPerConn: pd.MaxMessagesPerConn,
+		ConnectTimeout:     pd.ConnectTimeout,
+		CommandTimeout:     pd.CommandTimeout,
+		DataTimeout:        pd.DataTimeout,
+		MaxMessageBytes:    xd.MaxMessageBytes,
+		MaxRecipients:      xd.MaxRecipients,
+		ClientTimeout:      xd.ClientTimeout,
+		ShutdownTimeout:    20 * time.Second,
+		LogLevel:           slog.LevelInfo,
+		LogFormat:          "json",
+	}
+}
+
+// loadConfig reads the configuration from environ (KEY=value strings) over
+// the defaults, and checks it. Every error names the variable at fault.
 func loadConfig(environ []string, demo bool) (config, error) {
-	var cfg config
+	cfg := defaultConfig()
 	if err := env.ParseWithOptions(&cfg, env.Options{Environment: env.ToMap(environ)}); err != nil {
 		return cfg, explainEnvError(err)
 	}
@@ -327,14 +357,45 @@ type envVar struct {
 }
 
 func envVars() []envVar {
-	t := reflect.TypeFor[config]()
+	defaults := reflect.ValueOf(defaultConfig())
+	t := defaults.Type()
 	vars := make([]envVar, 0, t.NumField())
 	for i := range t.NumField() {
 		f := t.Field(i)
 		key, _, _ := strings.Cut(f.Tag.Get("env"), ",")
-		vars = append(vars, envVar{field: f.Name, key: key, def: f.Tag.Get("envDefault"), help: f.Tag.Get("help")})
+		def := f.Tag.Get("default")
+		if def == "" {
+			def = formatDefault(defaults.Field(i))
+		}
+		vars = append(vars, envVar{field: f.Name, key: key, def: def, help: f.Tag.Get("help")})
 	}
 	return vars
+}
+
+// formatDefault writes a default value as it would be set in the
+// environment ("unset" for an empty string).
+func formatDefault(v reflect.Value) string {
+	switch x := v.Interface().(type) {
+	case time.Duration:
+		s := x.String()
+		if strings.HasSuffix(s, "m0s") {
+			s = strings.TrimSuffix(s, "0s")
+		}
+		if strings.HasSuffix(s, "h0m") {
+			s = strings.TrimSuffix(s, "0m")
+		}
+		return s
+	case slog.Level:
+		return strings.ToLower(x.String())
+	case fmt.Stringer:
+		return x.String()
+	case string:
+		if x == "" {
+			return "unset"
+		}
+		return x
+	}
+	return fmt.Sprint(v.Interface())
 }
 
 func envKeys() map[string]string {
@@ -359,10 +420,6 @@ authenticated upstream sessions. It is configured with environment variables.
 Environment:
 `)
 	for _, v := range envVars() {
-		def := v.def
-		if def == "" {
-			def = "unset"
-		}
-		fmt.Fprintf(w, "  %s (default %s)\n      %s\n", v.key, def, v.help)
+		fmt.Fprintf(w, "  %s (default %s)\n      %s\n", v.key, v.def, v.help)
 	}
 }

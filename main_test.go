@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"sync"
@@ -16,37 +17,78 @@ import (
 
 	"github.com/smtppool/smtppool/internal/memsmtp"
 	"github.com/smtppool/smtppool/pool"
+	"github.com/smtppool/smtppool/proxy"
 )
 
-func TestConfigDefaults(t *testing.T) {
+// TestConfigDefaultsAreThePackagesDefaults: each default is written once,
+// in pool.DefaultConfig or proxy.DefaultConfig; the environment's defaults
+// are those.
+func TestConfigDefaultsAreThePackagesDefaults(t *testing.T) {
 	cfg, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := config{
-		ListenAddr:         "127.0.0.1:2525",
-		UpstreamAddr:       "smtp.corp.example:587",
-		UpstreamTLS:        pool.TLSOpportunistic,
-		MaxConns:           5,
-		AcquireTimeout:     2 * time.Minute,
-		RetryTimeout:       2 * time.Minute,
-		RetryBackoff:       250 * time.Millisecond,
-		RetryBackoffMax:    4 * time.Second,
-		TransactionTimeout: 15 * time.Minute,
-		MaxConnLifetime:    10 * time.Minute,
-		MaxConnIdleTime:    time.Minute,
-		MaxMessagesPerConn: 100,
-		ConnectTimeout:     30 * time.Second,
-		CommandTimeout:     time.Minute,
-		DataTimeout:        10 * time.Minute,
-		MaxMessageBytes:    33554432,
-		MaxRecipients:      100,
-		ClientTimeout:      5 * time.Minute,
-		ShutdownTimeout:    20 * time.Second,
-		LogFormat:          "json",
+	pc, err := cfg.poolConfig(nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if cfg != want {
-		t.Errorf("defaults:\n got %+v\nwant %+v", cfg, want)
+	pd := pool.DefaultConfig()
+	pd.Addr = "smtp.corp.example:587"
+	pc.LocalName, pd.LocalName = "", "" // smtppool's is the host name
+	// Not set from the environment: the pool applies its defaults.
+	pd.PingAfterIdle, pd.HealthCheckPeriod, pd.ProbeBackoff, pd.ProbeBackoffMax = 0, 0, 0, 0
+	if !reflect.DeepEqual(pc, pd) {
+		t.Errorf("pool config from the environment's defaults:\n got %+v\nwant %+v", pc, pd)
+	}
+	xc, xd := cfg.proxyConfig(nil), proxy.DefaultConfig()
+	xc.Hostname, xd.Hostname = "", ""
+	if xc != xd {
+		t.Errorf("proxy config from the environment's defaults:\n got %+v\nwant %+v", xc, xd)
+	}
+}
+
+// TestReadmeTableMatchesUsage: the README's variable table lists exactly
+// the variables -h lists, with the same defaults where it gives values.
+func TestReadmeTableMatchesUsage(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	usage := map[string]string{}
+	for _, v := range envVars() {
+		usage[v.key] = v.def
+	}
+	code := regexp.MustCompile("`([^`]+)`")
+	inTable := map[string]bool{}
+	for _, line := range strings.Split(string(readme), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 || !strings.Contains(cells[1], "`SMTPPOOL_") {
+			continue
+		}
+		var names, defaults []string
+		for _, m := range code.FindAllStringSubmatch(cells[1], -1) {
+			if strings.HasPrefix(m[1], "SMTPPOOL_") {
+				names = append(names, m[1])
+			}
+		}
+		for _, m := range code.FindAllStringSubmatch(cells[2], -1) {
+			defaults = append(defaults, m[1])
+		}
+		for i, name := range names {
+			inTable[name] = true
+			def, ok := usage[name]
+			switch {
+			case !ok:
+				t.Errorf("README lists %s, which -h does not", name)
+			case len(defaults) == len(names) && defaults[i] != def && !strings.HasPrefix(defaults[i], "SMTPPOOL_"):
+				t.Errorf("README gives %s the default %q, -h %q", name, defaults[i], def)
+			}
+		}
+	}
+	for name := range usage {
+		if !inTable[name] {
+			t.Errorf("-h lists %s, which the README's table lacks", name)
+		}
 	}
 }
 

@@ -132,6 +132,26 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// DefaultConfig returns the defaults that New applies to the fields of a
+// Config left at their zero value; Addr has none.
+func DefaultConfig() Config {
+	return Config{
+		TLS:                TLSOpportunistic,
+		LocalName:          "localhost",
+		MaxConns:           5,
+		MaxConnLifetime:    10 * time.Minute,
+		MaxConnIdleTime:    time.Minute,
+		MaxMessagesPerConn: 100,
+		PingAfterIdle:      5 * time.Second,
+		HealthCheckPeriod:  10 * time.Second,
+		ProbeBackoff:       250 * time.Millisecond,
+		ProbeBackoffMax:    2 * time.Second,
+		ConnectTimeout:     30 * time.Second,
+		CommandTimeout:     time.Minute,
+		DataTimeout:        10 * time.Minute,
+	}
+}
+
 // withDefaults returns a copy of c with every unset field at its default.
 func (c Config) withDefaults() (Config, error) {
 	if c.Addr == "" {
@@ -154,18 +174,19 @@ func (c Config) withDefaults() (Config, error) {
 		c.TLSConfig = c.TLSConfig.Clone()
 		c.TLSConfig.ServerName = host
 	}
-	setDefault(&c.LocalName, "localhost")
-	setDefault(&c.MaxConns, 5)
-	setDefault(&c.MaxConnLifetime, 10*time.Minute)
-	setDefault(&c.MaxConnIdleTime, time.Minute)
-	setDefault(&c.MaxMessagesPerConn, 100)
-	setDefault(&c.PingAfterIdle, 5*time.Second)
-	setDefault(&c.HealthCheckPeriod, 10*time.Second)
-	setDefault(&c.ProbeBackoff, 250*time.Millisecond)
-	setDefault(&c.ProbeBackoffMax, 2*time.Second)
-	setDefault(&c.ConnectTimeout, 30*time.Second)
-	setDefault(&c.CommandTimeout, time.Minute)
-	setDefault(&c.DataTimeout, 10*time.Minute)
+	d := DefaultConfig()
+	setDefault(&c.LocalName, d.LocalName)
+	setDefault(&c.MaxConns, d.MaxConns)
+	setDefault(&c.MaxConnLifetime, d.MaxConnLifetime)
+	setDefault(&c.MaxConnIdleTime, d.MaxConnIdleTime)
+	setDefault(&c.MaxMessagesPerConn, d.MaxMessagesPerConn)
+	setDefault(&c.PingAfterIdle, d.PingAfterIdle)
+	setDefault(&c.HealthCheckPeriod, d.HealthCheckPeriod)
+	setDefault(&c.ProbeBackoff, d.ProbeBackoff)
+	setDefault(&c.ProbeBackoffMax, d.ProbeBackoffMax)
+	setDefault(&c.ConnectTimeout, d.ConnectTimeout)
+	setDefault(&c.CommandTimeout, d.CommandTimeout)
+	setDefault(&c.DataTimeout, d.DataTimeout)
 	if c.Dial == nil {
 		c.Dial = (&net.Dialer{}).DialContext
 	}

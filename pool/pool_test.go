@@ -118,7 +118,7 @@ func TestMaxConnsIsAHardCap(t *testing.T) {
 				return
 			}
 			defer c.Release()
-			if total := p.Stat().TotalSessions; total > 3 {
+			if total := p.Stat().TotalConns; total > 3 {
 				errs <- fmt.Errorf("pool has %d sessions, cap is 3", total)
 			}
 			errs <- send(c, i)
@@ -135,7 +135,7 @@ func TestMaxConnsIsAHardCap(t *testing.T) {
 	if st.MaxOpen > 3 || st.Messages != 60 {
 		t.Errorf("upstream saw at most %d concurrent connections and %d messages; want <= 3 and 60", st.MaxOpen, st.Messages)
 	}
-	if ps := p.Stat(); ps.SessionsOpened > 3 || ps.WaitedAcquires == 0 {
+	if ps := p.Stat(); ps.ConnsOpened > 3 || ps.EmptyAcquireCount == 0 {
 		t.Errorf("Stat = %+v; want at most 3 sessions opened and some acquires that waited", ps)
 	}
 }
@@ -225,7 +225,7 @@ func TestIdleSessionIsCheckedWithNOOP(t *testing.T) {
 	if err := send(c, 1); err != nil {
 		t.Fatalf("send: %v", err)
 	}
-	if st := p.Stat(); st.ClosedBroken != 1 || st.SessionsOpened != 2 {
+	if st := p.Stat(); st.ClosedBroken != 1 || st.ConnsOpened != 2 {
 		t.Errorf("Stat = %+v, want 1 broken and 2 opened", st)
 	}
 }
@@ -264,12 +264,12 @@ func TestSessionLimits(t *testing.T) {
 	}
 }
 
-func TestHealthCheckClosesIdleSessions(t *testing.T) {
+func TestHealthCheckClosesIdleConns(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{})
 	p := newPool(t, up, pool.Config{MaxConnIdleTime: 20 * time.Millisecond, HealthCheckPeriod: 10 * time.Millisecond})
 	c := acquire(t, p)
 	c.Release()
-	waitFor(t, "the idle session to close", func() bool { return p.Stat().TotalSessions == 0 })
+	waitFor(t, "the idle session to close", func() bool { return p.Stat().TotalConns == 0 })
 	waitFor(t, "the upstream connection to close", func() bool { return up.Stats().Open == 0 })
 	if st := p.Stat(); st.ClosedIdle != 1 {
 		t.Errorf("ClosedIdle = %d, want 1", st.ClosedIdle)
@@ -338,7 +338,7 @@ func TestConnectFailures(t *testing.T) {
 			if err == nil || errors.As(err, &smtpErr) != tt.want421 || (tt.want421 && smtpErr.Code != 421) {
 				t.Fatalf("Acquire: %v; want a 421: %v", err, tt.want421)
 			}
-			if st := p.Stat(); st.ConnectFailures != 1 || st.TotalSessions != 0 || st.UpstreamUp {
+			if st := p.Stat(); st.ConnectFailures != 1 || st.TotalConns != 0 || st.UpstreamUp {
 				t.Errorf("Stat = %+v, want 1 connect failure, no session, upstream down", st)
 			}
 			// Until the next probe is due, Acquire fails without dialling.
@@ -522,7 +522,7 @@ func TestEHLOAfterRSETIsSentAtRelease(t *testing.T) {
 		t.Errorf("extensions lost after RSET")
 	}
 	c.Release()
-	if st := p.Stat(); st.IdleSessions != 1 || st.ClosedBroken != 0 {
+	if st := p.Stat(); st.IdleConns != 1 || st.ClosedBroken != 0 {
 		t.Errorf("Stat = %+v, want the healthy session idle", st)
 	}
 }

@@ -90,7 +90,7 @@ func (p *Pool) setUp(ctx context.Context) (*session, error) {
 		p.log.Debug("upstream session set-up failed", "err", err, "duration", time.Since(start).String())
 		return nil, err
 	}
-	s.id = p.stats.sessionsOpened.Add(1)
+	s.id = p.stats.connsOpened.Add(1)
 	p.log.Debug("upstream session opened", "session", s.id, "tls", s.tls,
 		"auth", p.cfg.Auth != nil, "duration", time.Since(start).String())
 	return s, nil

@@ -1,49 +1,52 @@
 package pool
 
 import (
+	"log/slog"
 	"sync/atomic"
 	"time"
 )
 
 // counters are the pool's own running totals, beside puddle's.
 type counters struct {
-	sessionsOpened  atomic.Uint64
+	connsOpened     atomic.Uint64
 	connectFailures atomic.Int64
 	auths           atomic.Int64
 	messages        atomic.Int64
 	closed          [numCloseReasons]atomic.Int64
 }
 
-// Stat is a snapshot of a pool's state and running totals.
+// Stat is a snapshot of a pool's state and running totals. A conn is one
+// upstream session: one connection, greeted and authenticated.
 type Stat struct {
-	// MaxSessions is the cap on sessions, Config.MaxConns.
-	MaxSessions int32
-	// TotalSessions is the number of sessions open or being dialled now.
-	TotalSessions int32
-	// AcquiredSessions is the number of sessions lent out now.
-	AcquiredSessions int32
-	// IdleSessions is the number of open sessions waiting in the pool now.
-	IdleSessions int32
-	// ConnectingSessions is the number of sessions being dialled now.
-	ConnectingSessions int32
+	// MaxConns is the cap on conns, Config.MaxConns.
+	MaxConns int32
+	// TotalConns is the number of conns open or being set up now.
+	TotalConns int32
+	// AcquiredConns is the number of conns lent out now.
+	AcquiredConns int32
+	// IdleConns is the number of open conns waiting in the pool now.
+	IdleConns int32
+	// ConstructingConns is the number of conns being dialled and set up now.
+	ConstructingConns int32
 	// PendingAcquires is the number of Acquire calls waiting now, for a
-	// session to be released or dialled: the backpressure queue.
+	// conn to be released or set up: the backpressure queue.
 	PendingAcquires int32
 
-	// Acquires counts successful acquisitions of a session.
-	Acquires int64
-	// WaitedAcquires counts acquisitions that found no idle session and had
-	// to wait for one to be released or dialled.
-	WaitedAcquires int64
-	// WaitTime is the total time WaitedAcquires spent waiting.
-	WaitTime time.Duration
-	// CanceledAcquires counts acquisitions given up because their context
-	// ended, typically the acquire timeout.
-	CanceledAcquires int64
+	// AcquireCount counts successful acquisitions of a conn.
+	AcquireCount int64
+	// EmptyAcquireCount counts acquisitions that found no idle conn and had
+	// to wait for one to be released or set up.
+	EmptyAcquireCount int64
+	// EmptyAcquireWaitTime is the total time EmptyAcquireCount spent
+	// waiting.
+	EmptyAcquireWaitTime time.Duration
+	// CanceledAcquireCount counts acquisitions given up because their
+	// context ended, typically the acquire timeout.
+	CanceledAcquireCount int64
 
-	// SessionsOpened counts sessions that completed their handshake.
-	SessionsOpened int64
-	// ConnectFailures counts sessions that failed to dial or handshake.
+	// ConnsOpened counts conns that completed their set-up.
+	ConnsOpened int64
+	// ConnectFailures counts conns that failed to dial or set up.
 	ConnectFailures int64
 	// Auths counts successful AUTH exchanges.
 	Auths int64
@@ -51,26 +54,26 @@ type Stat struct {
 	// upstream's verdict.
 	Messages int64
 
-	// ClosedBroken counts sessions closed after an I/O error, a 421 or a
-	// failed NOOP or RSET.
+	// ClosedBroken counts conns closed after an I/O error, a 421, a
+	// cancelled command or a failed NOOP or RSET.
 	ClosedBroken int64
-	// ClosedLifetime counts sessions closed at MaxConnLifetime.
+	// ClosedLifetime counts conns closed at MaxConnLifetime.
 	ClosedLifetime int64
-	// ClosedIdle counts sessions closed at MaxConnIdleTime.
+	// ClosedIdle counts conns closed at MaxConnIdleTime.
 	ClosedIdle int64
-	// ClosedMessages counts sessions closed at MaxMessagesPerConn.
+	// ClosedMessages counts conns closed at MaxMessagesPerConn.
 	ClosedMessages int64
-	// ClosedDiscarded counts healthy sessions discarded by their holder.
+	// ClosedDiscarded counts healthy conns discarded by their holder.
 	ClosedDiscarded int64
-	// ClosedUnfinished counts sessions closed because a transaction was
-	// left unfinished on them while the pool authenticates: RSET and the
-	// EHLO after it could lose the AUTH.
+	// ClosedUnfinished counts conns closed because a transaction was left
+	// unfinished on them while the pool authenticates: RSET and the EHLO
+	// after it could lose the AUTH.
 	ClosedUnfinished int64
-	// ClosedShutdown counts sessions closed by Close.
+	// ClosedShutdown counts conns closed by Close.
 	ClosedShutdown int64
 
-	// UpstreamUp reports whether the last session set-up or health check
-	// of the upstream succeeded (true before the first).
+	// UpstreamUp reports whether the last set-up or health check of a conn
+	// succeeded (true before the first).
 	UpstreamUp bool
 }
 
@@ -78,27 +81,45 @@ type Stat struct {
 func (p *Pool) Stat() Stat {
 	ps := p.p.Stat()
 	return Stat{
-		MaxSessions:        ps.MaxResources(),
-		TotalSessions:      ps.TotalResources(),
-		AcquiredSessions:   ps.AcquiredResources(),
-		IdleSessions:       ps.IdleResources(),
-		ConnectingSessions: ps.ConstructingResources(),
-		PendingAcquires:    p.waiting.Load(),
-		Acquires:           ps.AcquireCount(),
-		WaitedAcquires:     ps.EmptyAcquireCount(),
-		WaitTime:           ps.EmptyAcquireWaitTime(),
-		CanceledAcquires:   ps.CanceledAcquireCount(),
-		SessionsOpened:     int64(p.stats.sessionsOpened.Load()),
-		ConnectFailures:    p.stats.connectFailures.Load(),
-		Auths:              p.stats.auths.Load(),
-		Messages:           p.stats.messages.Load(),
-		ClosedBroken:       p.stats.closed[closeBroken].Load(),
-		ClosedLifetime:     p.stats.closed[closeLifetime].Load(),
-		ClosedIdle:         p.stats.closed[closeIdle].Load(),
-		ClosedMessages:     p.stats.closed[closeMessages].Load(),
-		ClosedDiscarded:    p.stats.closed[closeDiscarded].Load(),
-		ClosedUnfinished:   p.stats.closed[closeUnfinished].Load(),
-		ClosedShutdown:     p.stats.closed[closeShutdown].Load(),
-		UpstreamUp:         p.probe.up.Load(),
+		MaxConns:             ps.MaxResources(),
+		TotalConns:           ps.TotalResources(),
+		AcquiredConns:        ps.AcquiredResources(),
+		IdleConns:            ps.IdleResources(),
+		ConstructingConns:    ps.ConstructingResources(),
+		PendingAcquires:      p.waiting.Load(),
+		AcquireCount:         ps.AcquireCount(),
+		EmptyAcquireCount:    ps.EmptyAcquireCount(),
+		EmptyAcquireWaitTime: ps.EmptyAcquireWaitTime(),
+		CanceledAcquireCount: ps.CanceledAcquireCount(),
+		ConnsOpened:          int64(p.stats.connsOpened.Load()),
+		ConnectFailures:      p.stats.connectFailures.Load(),
+		Auths:                p.stats.auths.Load(),
+		Messages:             p.stats.messages.Load(),
+		ClosedBroken:         p.stats.closed[closeBroken].Load(),
+		ClosedLifetime:       p.stats.closed[closeLifetime].Load(),
+		ClosedIdle:           p.stats.closed[closeIdle].Load(),
+		ClosedMessages:       p.stats.closed[closeMessages].Load(),
+		ClosedDiscarded:      p.stats.closed[closeDiscarded].Load(),
+		ClosedUnfinished:     p.stats.closed[closeUnfinished].Load(),
+		ClosedShutdown:       p.stats.closed[closeShutdown].Load(),
+		UpstreamUp:           p.probe.up.Load(),
 	}
+}
+
+// LogValue summarises the pool for a log line.
+func (s Stat) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.Int("max_conns", int(s.MaxConns)),
+		slog.Int("acquired_conns", int(s.AcquiredConns)),
+		slog.Int("idle_conns", int(s.IdleConns)),
+		slog.Int("constructing_conns", int(s.ConstructingConns)),
+		slog.Int("pending_acquires", int(s.PendingAcquires)),
+		slog.Int64("acquire_count", s.AcquireCount),
+		slog.Int64("empty_acquire_count", s.EmptyAcquireCount),
+		slog.String("empty_acquire_wait_time", s.EmptyAcquireWaitTime.Round(time.Millisecond).String()),
+		slog.Int64("conns_opened", s.ConnsOpened),
+		slog.Int64("connect_failures", s.ConnectFailures),
+		slog.Int64("messages", s.Messages),
+		slog.Bool("upstream_up", s.UpstreamUp),
+	)
 }

@@ -13,7 +13,6 @@ package proxy
 
 import (
 	"context"
-	"io"
 	"log/slog"
 	"sync/atomic"
 	"time"
@@ -81,38 +80,48 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-func (c Config) withDefaults() Config {
-	if c.Hostname == "" {
-		c.Hostname = "localhost"
+// DefaultConfig returns the defaults that NewServer applies to the fields of
+// a Config left at their zero value. MaxBufferBytes is left at zero: its
+// default depends on the pool.
+func DefaultConfig() Config {
+	return Config{
+		Hostname:           "localhost",
+		MaxMessageBytes:    32 << 20,
+		MaxRecipients:      100,
+		AcquireTimeout:     2 * time.Minute,
+		RetryTimeout:       2 * time.Minute,
+		RetryBackoff:       250 * time.Millisecond,
+		RetryBackoffMax:    4 * time.Second,
+		TransactionTimeout: 15 * time.Minute,
+		ClientTimeout:      5 * time.Minute,
 	}
-	if c.MaxMessageBytes == 0 {
-		c.MaxMessageBytes = 32 << 20
-	}
-	if c.MaxRecipients == 0 {
-		c.MaxRecipients = 100
-	}
-	if c.AcquireTimeout == 0 {
-		c.AcquireTimeout = 2 * time.Minute
-	}
-	if c.RetryTimeout == 0 {
-		c.RetryTimeout = 2 * time.Minute
-	}
-	if c.RetryBackoff == 0 {
-		c.RetryBackoff = 250 * time.Millisecond
-	}
-	if c.RetryBackoffMax == 0 {
-		c.RetryBackoffMax = 4 * time.Second
-	}
-	if c.TransactionTimeout == 0 {
-		c.TransactionTimeout = 15 * time.Minute
-	}
-	if c.ClientTimeout == 0 {
-		c.ClientTimeout = 5 * time.Minute
-	}
+}
+
+// withDefaults returns a copy of c with every unset field at its default;
+// maxConns is the pool's cap, for MaxBufferBytes.
+func (c Config) withDefaults(maxConns int32) Config {
+	d := DefaultConfig()
+	setDefault(&c.Hostname, d.Hostname)
+	setDefault(&c.MaxMessageBytes, d.MaxMessageBytes)
+	setDefault(&c.MaxBufferBytes, 2*c.MaxMessageBytes*int64(maxConns))
+	setDefault(&c.MaxRecipients, d.MaxRecipients)
+	setDefault(&c.AcquireTimeout, d.AcquireTimeout)
+	setDefault(&c.RetryTimeout, d.RetryTimeout)
+	setDefault(&c.RetryBackoff, d.RetryBackoff)
+	setDefault(&c.RetryBackoffMax, d.RetryBackoffMax)
+	setDefault(&c.TransactionTimeout, d.TransactionTimeout)
+	setDefault(&c.ClientTimeout, d.ClientTimeout)
 	if c.Logger == nil {
-		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	return c
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
 }
 
 // Backend turns client sessions into work for a pool. It implements
@@ -130,10 +139,7 @@ type Backend struct {
 // NewBackend returns a backend that relays through p. When ctx ends,
 // transactions stop waiting for sessions or retries and get 421 4.3.2.
 func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
-	cfg = cfg.withDefaults()
-	if cfg.MaxBufferBytes == 0 {
-		cfg.MaxBufferBytes = 2 * cfg.MaxMessageBytes * int64(p.Stat().MaxSessions)
-	}
+	cfg = cfg.withDefaults(p.Stat().MaxConns)
 	return &Backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx,
 		buffers: semaphore.NewWeighted(max(cfg.MaxBufferBytes, cfg.MaxMessageBytes))}
 }

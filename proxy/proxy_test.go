@@ -344,7 +344,7 @@ func holdSession(t *testing.T, e *testEnv) *smtp.Client {
 	if err := c.Mail("app@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
-	if st := e.pool.Stat(); st.AcquiredSessions != 1 || st.MaxSessions != 1 {
+	if st := e.pool.Stat(); st.AcquiredConns != 1 || st.MaxConns != 1 {
 		t.Fatalf("pool %+v, want its only session acquired", st)
 	}
 	return c
@@ -363,7 +363,7 @@ func TestGreetingDoesNotWaitForThePool(t *testing.T) {
 	if err := c.Hello("second.test"); err != nil { // reads the greeting first
 		t.Fatalf("greeting and EHLO while the pool is exhausted: %v", err)
 	}
-	if st := e.pool.Stat(); st.AcquiredSessions != 1 {
+	if st := e.pool.Stat(); st.AcquiredConns != 1 {
 		t.Fatalf("session was released during the test: %+v", st)
 	}
 }

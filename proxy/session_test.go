@@ -73,7 +73,7 @@ func TestBDATThenDisconnectStrandsNoSession(t *testing.T) {
 		c.must("BDAT 0", 250)
 		c.conn.Close()
 	}
-	waitFor(t, "every upstream session to be released", func() bool { return e.pool.Stat().AcquiredSessions == 0 })
+	waitFor(t, "every upstream session to be released", func() bool { return e.pool.Stat().AcquiredConns == 0 })
 	c := e.dial(t)
 	if err := send(c, "app@example.com", []string{"user@example.com"}, message("after")); err != nil {
 		t.Fatalf("send after the BDAT clients left: %v", err)
