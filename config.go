@@ -416,6 +416,7 @@ authenticated upstream sessions. It is configured with environment variables.
 
   smtppool        relay to SMTPPOOL_UPSTREAM_ADDR
   smtppool demo   relay to an embedded demo upstream that logs what it receives
+  smtppool -version  print the version and exit
 
 Environment:
 `)

@@ -144,13 +144,17 @@ func defaultHostname() string {
 	return "localhost"
 }
 
-// parseArgs handles -h and the optional "demo" command.
+// parseArgs handles -h, -version and the optional "demo" command.
 func parseArgs(args []string, stderr io.Writer) (demo bool, err error) {
 	fs := flag.NewFlagSet("smtppool", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { printUsage(stderr) }
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return false, err
+	}
+	if *showVersion {
+		return false, printVersion(os.Stdout)
 	}
 	switch {
 	case fs.NArg() == 0:
