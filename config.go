@@ -26,6 +26,7 @@ type config struct {
 	ListenAddr         string `env:"SMTPPOOL_LISTEN_ADDR" help:"where clients connect"`
 	AllowRemoteClients bool   `env:"SMTPPOOL_ALLOW_REMOTE_CLIENTS" help:"allow a listen address other than loopback; whoever reaches it can send mail as the upstream account"`
 	Hostname           string `env:"SMTPPOOL_HOSTNAME" default:"the host name" help:"name in the greeting and in EHLO to the upstream"`
+	AdminAddr          string `env:"SMTPPOOL_ADMIN_ADDR" help:"where the HTTP endpoints /healthz, /readyz and /metrics listen; empty disables them"`
 
 	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" default:"required" help:"upstream host:port (required, except in demo mode)"`
 	UpstreamTLS          pool.TLSMode `env:"SMTPPOOL_UPSTREAM_TLS" help:"none, opportunistic (STARTTLS when offered), starttls (required) or tls (implicit TLS, port 465)"`
@@ -36,6 +37,7 @@ type config struct {
 	AllowInsecureAuth    bool         `env:"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH" help:"allow sending credentials over an unencrypted upstream connection"`
 
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
+	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst; they count against SMTPPOOL_MAX_CONNS"`
 	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
 	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
@@ -65,8 +67,10 @@ func defaultConfig() config {
 	pd, xd := pool.DefaultConfig(), proxy.DefaultConfig()
 	return config{
 		ListenAddr:         "127.0.0.1:2525",
+		AdminAddr:          "127.0.0.1:9025",
 		UpstreamTLS:        pd.TLS,
 		MaxConns:           pd.MaxConns,
+		MinIdleConns:       pd.MinIdleConns,
 		AcquireTimeout:     xd.AcquireTimeout,
 		RetryTimeout:       xd.RetryTimeout,
 		MaxAttempts:        xd.MaxAttempts,
@@ -92,8 +96,12 @@ func defaultConfig() config {
 // the defaults, and checks it. Every error names the variable at fault.
 func loadConfig(environ []string, demo bool) (config, error) {
 	cfg := defaultConfig()
-	if err := env.ParseWithOptions(&cfg, env.Options{Environment: env.ToMap(environ)}); err != nil {
+	vars := env.ToMap(environ)
+	if err := env.ParseWithOptions(&cfg, env.Options{Environment: vars}); err != nil {
 		return cfg, explainEnvError(err)
+	}
+	if v, ok := vars["SMTPPOOL_ADMIN_ADDR"]; ok && v == "" {
+		cfg.AdminAddr = "" // set and empty: disabled
 	}
 	if cfg.UpstreamPasswordFile != "" {
 		if cfg.UpstreamPassword != "" {
@@ -149,6 +157,14 @@ func (c *config) check(demo bool) error {
 	}
 	if c.MaxBufferBytes != 0 && c.MaxBufferBytes < c.MaxMessageBytes {
 		add("SMTPPOOL_MAX_BUFFER_BYTES", "%d is less than SMTPPOOL_MAX_MESSAGE_BYTES, %d: no message could be buffered", c.MaxBufferBytes, c.MaxMessageBytes)
+	}
+	if c.AdminAddr != "" {
+		if _, _, err := net.SplitHostPort(c.AdminAddr); err != nil {
+			add("SMTPPOOL_ADMIN_ADDR", "%q is not host:port: %v", c.AdminAddr, err)
+		}
+	}
+	if c.MinIdleConns < 0 || c.MinIdleConns > c.MaxConns {
+		add("SMTPPOOL_MIN_IDLE_CONNS", "%d is not between 0 and SMTPPOOL_MAX_CONNS, %d", c.MinIdleConns, c.MaxConns)
 	}
 	if c.Hostname != "" && !isDomain(c.Hostname) {
 		add("SMTPPOOL_HOSTNAME", "%q is not a valid domain name", c.Hostname)
@@ -275,6 +291,7 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 		AllowInsecureAuth:  c.AllowInsecureAuth,
 		LocalName:          c.Hostname,
 		MaxConns:           c.MaxConns,
+		MinIdleConns:       c.MinIdleConns,
 		MaxConnLifetime:    c.MaxConnLifetime,
 		MaxConnIdleTime:    c.MaxConnIdleTime,
 		MaxMessagesPerConn: c.MaxMessagesPerConn,
@@ -318,6 +335,7 @@ func (c *config) proxyConfig(logger *slog.Logger) proxy.Config {
 func (c config) LogValue() slog.Value {
 	return slog.GroupValue(
 		slog.String("listen", c.ListenAddr),
+		slog.String("admin", c.AdminAddr),
 		slog.String("upstream", c.UpstreamAddr),
 		slog.String("upstream_tls", c.UpstreamTLS.String()),
 		slog.Bool("upstream_auth", c.UpstreamUsername != ""),

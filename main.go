@@ -14,12 +14,20 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/smtppool/smtppool/admin"
 	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/metrics"
 	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
@@ -66,10 +74,13 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 		cfg.UpstreamUsername, cfg.UpstreamPassword = "", ""
 	}
 
+	reg := prometheus.NewRegistry()
+	events := metrics.NewProxy(reg, cfg.UpstreamAddr)
 	pc, err := cfg.poolConfig(logger)
 	if err != nil {
 		return err
 	}
+	pc.OnReply = events.UpstreamReply
 	p, err := pool.New(pc)
 	if err != nil {
 		return err
@@ -79,20 +90,32 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	// transactions in flight keep waiting and retrying.
 	relayCtx, stopRelay := context.WithCancel(context.Background())
 	defer stopRelay()
-	srv := proxy.NewServer(relayCtx, p, cfg.proxyConfig(logger))
+	xc := cfg.proxyConfig(logger)
+	xc.Observer = events
+	srv := proxy.NewServer(relayCtx, p, xc)
 
 	ln, err := proxy.Listen(ctx, cfg.ListenAddr)
 	if err != nil {
 		p.Close() // nothing is open yet
 		return fmt.Errorf("SMTPPOOL_LISTEN_ADDR: %w", err)
 	}
-	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "config", cfg)
+	registerMetrics(reg, p, ln, cfg.UpstreamAddr)
+	adm := admin.NewHandler(reg, ln.CheckAccepting)
+	stopAdmin, err := serveAdmin(cfg.AdminAddr, adm, logger)
+	if err != nil {
+		ln.Close()
+		p.Close()
+		return err
+	}
+	defer stopAdmin()
+	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "version", version, "config", cfg)
 	if demo {
 		logger.Info("demo: send a message with: swaks --server " + ln.Addr().String() + " --to someone@example.com")
 	}
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	adm.SetReady()
 	select {
 	case err := <-served:
 		stopRelay()
@@ -101,6 +124,7 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	case <-ctx.Done():
 	}
 
+	adm.Drain()
 	logger.Info("shutting down: no new connections; open ones may finish", "timeout", cfg.ShutdownTimeout.String())
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
@@ -114,6 +138,35 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	closePool(p, logger)
 	logger.Info("stopped", "pool", p.Stat())
 	return nil
+}
+
+// registerMetrics registers the pool's, the listener's and the build's
+// metrics, and Go's own.
+func registerMetrics(reg *prometheus.Registry, p *pool.Pool, ln *proxy.Listener, upstream string) {
+	metrics.RegisterPool(reg, p, upstream)
+	metrics.RegisterClients(reg, ln.Open)
+	metrics.RegisterBuildInfo(reg, version, runtime.Version())
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+}
+
+// serveAdmin serves the admin endpoints on addr in the background, unless
+// addr is empty; stop ends them.
+func serveAdmin(addr string, h http.Handler, logger *slog.Logger) (stop func(), err error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("SMTPPOOL_ADMIN_ADDR: %w", err)
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}
+	go hs.Serve(l)
+	logger.Info("admin endpoints listening", "addr", l.Addr().String())
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		hs.Shutdown(ctx)
+	}, nil
 }
 
 // poolCloseTimeout bounds the wait for upstream sessions still in use at

@@ -125,6 +125,17 @@ type Config struct {
 	// default 10 minutes.
 	DataTimeout time.Duration
 
+	// MinIdleConns is the number of idle sessions the background check keeps
+	// open, ready for a burst; they count against MaxConns; default 0.
+	MinIdleConns int32
+
+	// OnReply, if set, is called with each reply of the upstream to a
+	// transaction command, stage "MAIL", "RCPT", "DATA" or "end of DATA",
+	// and with each refusal while a session is set up (greeting, EHLO,
+	// STARTTLS, AUTH), stage "set-up"; code is the reply's code. It must be
+	// quick and safe for concurrent use.
+	OnReply func(stage string, code int)
+
 	// Dial opens the TCP connection to Addr; default a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
@@ -187,13 +198,19 @@ func (c Config) withDefaults() (Config, error) {
 	setDefault(&c.ConnectTimeout, d.ConnectTimeout)
 	setDefault(&c.CommandTimeout, d.CommandTimeout)
 	setDefault(&c.DataTimeout, d.DataTimeout)
+	if c.OnReply == nil {
+		c.OnReply = func(string, int) {}
+	}
+	if c.MinIdleConns > c.MaxConns {
+		return c, fmt.Errorf("pool: Config.MinIdleConns %d is above MaxConns %d", c.MinIdleConns, c.MaxConns)
+	}
 	if c.Dial == nil {
 		c.Dial = (&net.Dialer{}).DialContext
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	if c.MaxConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
+	if c.MaxConns < 0 || c.MinIdleConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
 		c.PingAfterIdle < 0 || c.ProbeBackoff < 0 || c.ProbeBackoffMax < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
 		return c, errors.New("pool: Config limits and durations must not be negative")
 	}

@@ -77,7 +77,7 @@ func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) er
 	s := c.res.Value()
 	s.dirty = true
 	defer s.bind(ctx)()
-	return s.fail(ctx, "MAIL", s.client.Mail(from, opts))
+	return c.done(ctx, "MAIL", s.client.Mail(from, opts), 250)
 }
 
 // Rcpt adds a recipient with RCPT TO.
@@ -87,7 +87,7 @@ func (c *Conn) Rcpt(ctx context.Context, to string, opts *smtp.RcptOptions) erro
 	}
 	s := c.res.Value()
 	defer s.bind(ctx)()
-	return s.fail(ctx, "RCPT", s.client.Rcpt(to, opts))
+	return c.done(ctx, "RCPT", s.client.Rcpt(to, opts), 250)
 }
 
 // Data sends DATA, then msg, then the final dot, and waits for the
@@ -100,8 +100,8 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	s := c.res.Value()
 	defer s.bind(ctx)()
 	w, err := s.client.Data()
-	if err != nil {
-		return "", s.fail(ctx, "DATA", err)
+	if err := c.done(ctx, "DATA", err, 354); err != nil {
+		return "", err
 	}
 	// go-smtp bounds the wait for each reply, not the writing of the
 	// message: an upstream that stops reading would block it for ever.
@@ -119,6 +119,7 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	case errors.As(err, &smtpErr) && smtpErr.Code/100 == 2:
 		// go-smtp expects exactly 250; any 2xx accepts the message, and
 		// sending it again would deliver it twice.
+		c.pool.cfg.OnReply("end of DATA", smtpErr.Code)
 		reply, err = smtpErr.Message, nil
 	case errors.As(err, &smtpErr):
 	default:
@@ -126,12 +127,28 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		if !s.conn.writeFailed {
 			err = fmt.Errorf("%w: %w", ErrNoReply, err)
 		}
-		return "", s.fail(ctx, "end of DATA", err)
+		return "", c.done(ctx, "end of DATA", err, 0)
 	}
 	s.dirty = false
 	s.messages++
 	c.pool.stats.messages.Add(1)
-	return reply, s.fail(ctx, "end of DATA", err)
+	if err == nil {
+		return reply, c.done(ctx, "end of DATA", nil, 250)
+	}
+	return "", c.done(ctx, "end of DATA", err, 0)
+}
+
+// done reports the upstream's reply to a command to Config.OnReply (ok,
+// the code it expected, when err is nil) and returns err as fail does.
+func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error {
+	var smtpErr *smtp.SMTPError
+	switch {
+	case err == nil:
+		c.pool.cfg.OnReply(stage, ok)
+	case errors.As(err, &smtpErr):
+		c.pool.cfg.OnReply(stage, smtpErr.Code)
+	}
+	return c.res.Value().fail(ctx, stage, err)
 }
 
 // bind makes the session give up when ctx ends, by closing its connection

@@ -65,7 +65,7 @@ func New(cfg Config) (*Pool, error) {
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 	}
-	p.probe.up.Store(true)
+	p.probe.log = cfg.Logger
 	p.p, err = puddle.NewPool(&puddle.Config[*session]{
 		Constructor: p.connect,
 		Destructor:  p.closeSession,
@@ -75,6 +75,7 @@ func New(cfg Config) (*Pool, error) {
 		return nil, err
 	}
 	go p.healthLoop()
+	p.fillIdle()
 	return p, nil
 }
 
@@ -211,6 +212,7 @@ func (p *Pool) healthLoop() {
 			return
 		case <-t.C:
 			p.checkIdle()
+			p.fillIdle()
 		}
 	}
 }
@@ -226,6 +228,25 @@ func (p *Pool) checkIdle() {
 	}
 }
 
+// fillIdle starts setting up sessions, in the background, until
+// MinIdleConns are idle or being set up, within MaxConns. Set-ups go
+// through the prober like any other.
+func (p *Pool) fillIdle() {
+	st := p.p.Stat()
+	missing := p.cfg.MinIdleConns - st.IdleResources() - st.ConstructingResources()
+	missing = min(missing, p.cfg.MaxConns-st.TotalResources())
+	for range max(missing, 0) {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+			defer cancel()
+			if err := p.p.CreateResource(ctx); err != nil && !errors.Is(err, puddle.ErrNotAvailable) &&
+				!errors.Is(err, puddle.ErrClosedPool) {
+				p.log.Debug("could not open an idle upstream session", "err", err)
+			}
+		}()
+	}
+}
+
 // ErrUpstreamDown means a recent attempt to set up a session failed and the
 // next probe of the upstream is not due yet; it wraps that attempt's error.
 var ErrUpstreamDown = errors.New("upstream down, waiting to probe it again")
@@ -237,6 +258,7 @@ var ErrUpstreamDown = errors.New("upstream down, waiting to probe it again")
 type prober struct {
 	base, max time.Duration
 	up        atomic.Bool // the last dial or health check succeeded
+	log       *slog.Logger
 
 	mu       sync.Mutex
 	down     bool          // the last session set-up failed
@@ -293,9 +315,15 @@ func (pr *prober) record(ctx context.Context, err error, probe bool) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	if err == nil {
+		if pr.down {
+			pr.log.Info("upstream reachable again")
+		}
 		pr.down, pr.lastErr, pr.delay = false, nil, 0
 		pr.up.Store(true)
 		return
+	}
+	if !pr.down {
+		pr.log.Warn("upstream unreachable; probing it, one dial at a time", "err", err)
 	}
 	switch {
 	case !pr.down:

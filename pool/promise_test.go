@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -303,5 +304,50 @@ func TestAny2xxAtEndOfDataIsAcceptance(t *testing.T) {
 	}
 	if st := p.Stat(); st.Messages != 1 {
 		t.Errorf("Stat.Messages = %d, want 1", st.Messages)
+	}
+}
+
+// TestMinIdleConnsAreKeptWarm: MinIdleConns sessions are set up without
+// waiting for work, and replaced when they close.
+func TestMinIdleConnsAreKeptWarm(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MinIdleConns: 2, MaxConns: 3, HealthCheckPeriod: 10 * time.Millisecond})
+	waitFor(t, "two warm sessions", func() bool { return p.Stat().IdleConns == 2 })
+	if n := up.Stats().Conns; n != 2 {
+		t.Errorf("upstream saw %d connections for 2 warm sessions", n)
+	}
+	c := acquire(t, p)
+	defer c.Release()
+	if n := up.Stats().Conns; n != 2 {
+		t.Errorf("Acquire dialled although a warm session was idle (%d connections)", n)
+	}
+	waitFor(t, "the pool to refill to two idle sessions", func() bool { return p.Stat().IdleConns == 2 })
+}
+
+// TestRepliesAreReported: Config.OnReply sees each reply by stage.
+func TestRepliesAreReported(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Rcpt, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no"}})
+	var mu sync.Mutex
+	seen := map[string]int{}
+	p := newPool(t, up, pool.Config{OnReply: func(stage string, code int) {
+		mu.Lock()
+		seen[stage+" "+strconv.Itoa(code)]++
+		mu.Unlock()
+	}})
+	c := acquire(t, p)
+	ctx := context.Background()
+	c.Mail(ctx, "sender@example.com", nil)
+	c.Rcpt(ctx, "bad@example.com", nil)
+	c.Rcpt(ctx, "good@example.com", nil)
+	c.Data(ctx, strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+	c.Release()
+	want := map[string]int{"MAIL 250": 1, "RCPT 550": 1, "RCPT 250": 1, "DATA 354": 1, "end of DATA 250": 1}
+	mu.Lock()
+	defer mu.Unlock()
+	for k, n := range want {
+		if seen[k] != n {
+			t.Errorf("OnReply saw %q %d times, want %d (all: %v)", k, seen[k], n, seen)
+		}
 	}
 }

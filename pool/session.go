@@ -87,6 +87,10 @@ func (p *Pool) setUp(ctx context.Context) (*session, error) {
 	s, err := p.handshake(ctx)
 	if err != nil {
 		p.stats.connectFailures.Add(1)
+		var smtpErr *smtp.SMTPError
+		if errors.As(err, &smtpErr) {
+			p.cfg.OnReply("set-up", smtpErr.Code)
+		}
 		p.log.Debug("upstream session set-up failed", "err", err, "duration", time.Since(start).String())
 		return nil, err
 	}

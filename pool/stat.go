@@ -73,7 +73,7 @@ type Stat struct {
 	ClosedShutdown int64
 
 	// UpstreamUp reports whether the last set-up or health check of a conn
-	// succeeded (true before the first).
+	// succeeded; it is false until one has.
 	UpstreamUp bool
 }
 

@@ -78,7 +78,38 @@ type Config struct {
 
 	// Logger receives transaction events; default discards them.
 	Logger *slog.Logger
+
+	// Observer receives events for metrics; default none.
+	Observer Observer
 }
+
+// Observer receives the proxy's events, for metrics. Its methods must be
+// quick and safe for concurrent use.
+type Observer interface {
+	// AcquireWaited reports the time a transaction waited for an upstream
+	// session it then got.
+	AcquireWaited(d time.Duration)
+	// AcquireTimedOut reports a transaction that gave up waiting for an
+	// upstream session after the acquire timeout.
+	AcquireTimedOut()
+	// Retried reports a transient failure that is about to be retried,
+	// with its kind: "connect", "connection", "no_reply", "reply_421",
+	// "reply_4xx", "auth_lost" or "other".
+	Retried(reason string)
+	// TransactionEnded reports a transaction's end: result "delivered",
+	// "rejected" (a 5xx passed on), "failed" (a 4xx the client got) or
+	// "abandoned" (the client ended it before an outcome); d is the time
+	// from MAIL, size the message's size in bytes (0 if none was read).
+	TransactionEnded(result string, d time.Duration, size int)
+}
+
+// noObserver discards events.
+type noObserver struct{}
+
+func (noObserver) AcquireWaited(time.Duration)                 {}
+func (noObserver) AcquireTimedOut()                            {}
+func (noObserver) Retried(string)                              {}
+func (noObserver) TransactionEnded(string, time.Duration, int) {}
 
 // DefaultConfig returns the defaults that NewServer applies to the fields of
 // a Config left at their zero value. MaxBufferBytes is left at zero: its
@@ -113,6 +144,9 @@ func (c Config) withDefaults(maxConns int32) Config {
 	setDefault(&c.ClientTimeout, d.ClientTimeout)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Observer == nil {
+		c.Observer = noObserver{}
 	}
 	return c
 }

@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +60,46 @@ func (l *Listener) CloseConnections() {
 	for c := range l.conns {
 		c.Conn.Close() // the socket only: a stalled flush must not hold this up
 	}
+}
+
+// CheckAccepting proves that the listener still accepts and greets: it
+// connects to it as a client would, reads the greeting and says QUIT. It
+// is a liveness check; it never reaches the upstream.
+func (l *Listener) CheckAccepting(ctx context.Context) error {
+	addr := l.Addr().(*net.TCPAddr)
+	target := addr
+	if addr.IP.IsUnspecified() {
+		target = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: addr.Port}
+		if addr.IP.To4() == nil {
+			target.IP = net.IPv6loopback
+		}
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", target.String())
+	if err != nil {
+		return fmt.Errorf("connect to the SMTP listener: %w", err)
+	}
+	defer c.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		c.SetDeadline(deadline)
+	}
+	greeting, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read the SMTP greeting: %w", err)
+	}
+	// A busy smtppool may refuse with 421; its accept loop still works.
+	if !strings.HasPrefix(greeting, "220") && !strings.HasPrefix(greeting, "421") {
+		return fmt.Errorf("unexpected SMTP greeting %q", strings.TrimSpace(greeting))
+	}
+	c.Write([]byte("QUIT\r\n"))
+	return nil
+}
+
+// Open returns the number of client connections open now.
+func (l *Listener) Open() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.conns)
 }
 
 func (l *Listener) forget(c *clientConn) {

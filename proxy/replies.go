@@ -130,3 +130,23 @@ func classifyReply(cmd command, e *smtp.SMTPError) verdict {
 	}
 	return verdict{reply: replyUnavailable, retry: true}
 }
+
+// retryReason names the kind of a transient failure, for metrics.
+func retryReason(err error) string {
+	var smtpErr *smtp.SMTPError
+	switch {
+	case errors.Is(err, pool.ErrNoReply):
+		return "no_reply"
+	case errors.As(err, &smtpErr) && smtpErr.Code == 530:
+		return "auth_lost"
+	case errors.As(err, &smtpErr) && smtpErr.Code == 421:
+		return "reply_421"
+	case errors.As(err, &smtpErr) && smtpErr.Code/100 == 4:
+		return "reply_4xx"
+	case errors.As(err, &smtpErr):
+		return "other"
+	case errors.Is(err, errSetup):
+		return "connect"
+	}
+	return "connection"
+}

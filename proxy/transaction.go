@@ -51,6 +51,7 @@ type transaction struct {
 	attempts     int             // upstream sessions tried
 	failures     int             // transient failures so far
 	bytes        int             // size of the message read
+	upID         uint64          // the last upstream session used, for the log
 	firstFailure time.Time       // the first transient failure, which starts the retry window
 	failed       *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
 	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
@@ -98,6 +99,7 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		v := tx.judge(cmd, where, err)
 		if v.retry {
 			tx.failures++
+			b.cfg.Observer.Retried(retryReason(err))
 		}
 		if !v.retry || tx.retriesExhausted() {
 			if !v.sameSession {
@@ -160,15 +162,25 @@ func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) e
 
 // acquire borrows an upstream session, waiting at most AcquireTimeout.
 func (tx *transaction) acquire() (*pool.Conn, error) {
-	ctx, cancel := context.WithTimeout(tx.ctx, tx.s.b.cfg.AcquireTimeout)
+	b := tx.s.b
+	ctx, cancel := context.WithTimeout(tx.ctx, b.cfg.AcquireTimeout)
 	defer cancel()
-	c, err := tx.s.b.pool.Acquire(ctx)
+	start := time.Now()
+	c, err := b.pool.Acquire(ctx)
 	switch {
 	case err == nil:
+		waited := time.Since(start)
+		b.cfg.Observer.AcquireWaited(waited)
+		if waited > time.Second && b.log.Enabled(context.Background(), slog.LevelDebug) {
+			b.log.Debug("waited for an upstream session", "client", tx.s.client,
+				"waited", waited.Round(time.Millisecond).String(), "pool", b.pool.Stat())
+		}
+		tx.upID = c.ID()
 		return c, nil
 	case tx.ctx.Err() != nil:
 		return nil, context.Cause(tx.ctx)
 	case ctx.Err() != nil:
+		b.cfg.Observer.AcquireTimedOut()
 		return nil, errBusy
 	}
 	return nil, fmt.Errorf("%w: %w", errSetup, err)
@@ -375,6 +387,8 @@ func (tx *transaction) logEnd() {
 	case tx.lastCode >= 400:
 		outcome = "failed"
 	}
+	duration := time.Since(tx.start)
+	tx.s.b.cfg.Observer.TransactionEnded(resultOf(outcome, tx.lastCode), duration, tx.bytes)
 	log := tx.s.b.log
 	attrs := []slog.Attr{
 		slog.String("client", tx.s.client),
@@ -382,7 +396,10 @@ func (tx *transaction) logEnd() {
 		slog.Int("attempts", tx.attempts),
 		slog.Int("rcpts", len(tx.rcpts)),
 		slog.Int("bytes", tx.bytes),
-		slog.String("duration", time.Since(tx.start).Round(time.Microsecond).String()),
+		slog.String("duration", duration.Round(time.Microsecond).String()),
+	}
+	if tx.upID != 0 {
+		attrs = append(attrs, slog.Uint64("upstream_conn", tx.upID))
 	}
 	if tx.lastCode != 0 {
 		attrs = append(attrs, slog.Int("reply", tx.lastCode))
@@ -391,6 +408,20 @@ func (tx *transaction) logEnd() {
 		attrs = append(attrs, slog.String("upstream_reply", tx.upstreamText))
 	}
 	log.LogAttrs(context.Background(), slog.LevelInfo, "transaction", attrs...)
+}
+
+// resultOf names a transaction's outcome for metrics: delivered,
+// rejected, failed or abandoned.
+func resultOf(outcome string, lastCode int) string {
+	switch {
+	case outcome == "delivered" || outcome == "rejected" || outcome == "failed":
+		return outcome
+	case lastCode >= 500:
+		return "rejected"
+	case lastCode >= 400:
+		return "failed"
+	}
+	return "abandoned"
 }
 
 func (tx *transaction) logFailure(cmd command, err error, reply *smtp.SMTPError) {
