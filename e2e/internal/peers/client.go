@@ -74,8 +74,8 @@ type Conn struct {
 	text *textproto.Conn
 }
 
-// Dial connects to addr within timeout; it does not read the greeting.
-func Dial(addr string, timeout time.Duration) (*Conn, error) {
+// dial connects to addr within timeout; it does not read the greeting.
+func dial(addr string, timeout time.Duration) (*Conn, error) {
 	c, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
 		return nil, err
@@ -86,7 +86,7 @@ func Dial(addr string, timeout time.Duration) (*Conn, error) {
 // Open connects to addr, reads the 220 greeting and sends EHLO, all within
 // timeout: a connection ready for MAIL, with no deadline left.
 func Open(addr string, timeout time.Duration) (*Conn, error) {
-	c, err := Dial(addr, timeout)
+	c, err := dial(addr, timeout)
 	if err != nil {
 		return nil, err
 	}
@@ -236,7 +236,7 @@ func SendMail(addr string, m Message, opts SendOptions) (r Result) {
 	}
 	r.Msg, r.Start, r.Stage = m, time.Now(), StageConnect
 	defer func() { r.End = time.Now() }()
-	c, err := Dial(addr, opts.Timeout)
+	c, err := dial(addr, opts.Timeout)
 	if err != nil {
 		r.Err = err
 		greeted(0)

@@ -104,12 +104,12 @@ func (p *Postfix) WaitDelivered(ctx context.Context, want []Message, timeout tim
 				got++
 			}
 		}
-		queued := p.QueueLen()
+		queued := p.queueLen()
 		if got == len(want) && queued == 0 {
 			return true, ""
 		}
 		if time.Since(lastFlush) > 2*time.Second {
-			p.Flush()
+			p.flush()
 			lastFlush = time.Now()
 		}
 		return false, fmt.Sprintf("%d/%d delivered, %d in Postfix's queue", got, len(want), queued)

@@ -46,7 +46,7 @@ func FreePort() (int, error) {
 		if handedOut.ports[port] {
 			continue
 		}
-		if busy, err := Listening(port); err != nil {
+		if busy, err := listening(port); err != nil {
 			return 0, err
 		} else if busy {
 			continue
@@ -72,8 +72,8 @@ func ephemeralLow() int {
 	return n
 }
 
-// Listening reports whether ss shows a TCP listener on port.
-func Listening(port int) (bool, error) {
+// listening reports whether ss shows a TCP listener on port.
+func listening(port int) (bool, error) {
 	out, err := ss("-Htln", fmt.Sprintf("( sport = :%d )", port))
 	return strings.TrimSpace(out) != "", err
 }

@@ -93,7 +93,7 @@ func (p *Postfix) Start(ctx context.Context) error {
 		return fmt.Errorf("postfix start: %w\n%s\nlog:\n%s", err, out, Tail(p.Log(), 20))
 	}
 	return Poll(ctx, 20*time.Second, "postfix to listen on "+p.Addr, func() (bool, string) {
-		ok, err := Listening(p.Port)
+		ok, err := listening(p.Port)
 		return ok, fmt.Sprintf("not listening (%v)", err)
 	})
 }
@@ -116,8 +116,8 @@ func (p *Postfix) postfix(ctx context.Context, verb string) (string, error) {
 	return string(out), err
 }
 
-// Running reports whether the instance's master process runs.
-func (p *Postfix) Running() bool {
+// running reports whether the instance's master process runs.
+func (p *Postfix) running() bool {
 	_, err := p.postfix(context.Background(), "status")
 	return err == nil
 }
@@ -131,10 +131,10 @@ func (p *Postfix) Stop(ctx context.Context) error {
 		return fmt.Errorf("postfix stop: %w\n%s", err, out)
 	}
 	return Poll(ctx, 20*time.Second, "postfix to stop", func() (bool, string) {
-		if p.Running() {
+		if p.running() {
 			return false, "postfix status: running"
 		}
-		ok, err := Listening(p.Port)
+		ok, err := listening(p.Port)
 		return !ok && err == nil, fmt.Sprintf("still listening (%v)", err)
 	})
 }
@@ -142,27 +142,27 @@ func (p *Postfix) Stop(ctx context.Context) error {
 // shutdown stops the instance whatever state it is in, at cleanup: with
 // "postfix abort" if "postfix stop" does not do it.
 func (p *Postfix) shutdown() error {
-	if !p.Running() {
+	if !p.running() {
 		return nil
 	}
 	if err := p.Stop(context.Background()); err == nil {
 		return nil
 	}
 	_, _ = p.postfix(context.Background(), "abort")
-	if p.Running() {
+	if p.running() {
 		return fmt.Errorf("postfix in %s did not stop, not even with postfix abort", p.Dir)
 	}
 	return fmt.Errorf("postfix in %s did not stop; aborted it", p.Dir)
 }
 
-// Flush asks Postfix to deliver its queue now rather than at its next run.
-func (p *Postfix) Flush() {
+// flush asks Postfix to deliver its queue now rather than at its next run.
+func (p *Postfix) flush() {
 	_ = exec.Command("postqueue", "-c", p.etc, "-f").Run()
 }
 
-// QueueLen is the number of messages in the queue, not yet delivered: the
+// queueLen is the number of messages in the queue, not yet delivered: the
 // files in its queue folders.
-func (p *Postfix) QueueLen() int {
+func (p *Postfix) queueLen() int {
 	n := 0
 	for _, q := range []string{"maildrop", "incoming", "active", "deferred", "hold"} {
 		_ = filepath.WalkDir(filepath.Join(p.Dir, "spool", q), func(_ string, d os.DirEntry, err error) error {
@@ -178,7 +178,7 @@ func (p *Postfix) QueueLen() int {
 // WaitQueueEmpty waits until the queue is empty.
 func (p *Postfix) WaitQueueEmpty(ctx context.Context, timeout time.Duration) error {
 	return Poll(ctx, timeout, "postfix's queue to empty", func() (bool, string) {
-		n := p.QueueLen()
+		n := p.queueLen()
 		return n == 0, fmt.Sprintf("%d messages queued", n)
 	})
 }

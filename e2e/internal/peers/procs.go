@@ -62,9 +62,6 @@ func Start(o Owner, c Command) (*Process, error) {
 // Pid is the process's id.
 func (p *Process) Pid() int { return p.cmd.Process.Pid }
 
-// Done is closed when the process has exited.
-func (p *Process) Done() <-chan struct{} { return p.done }
-
 // Exited reports whether the process has exited.
 func (p *Process) Exited() bool {
 	select {

@@ -43,7 +43,7 @@ func RunSource(o Owner, addr string, opts SourceOptions, timeout time.Duration) 
 	}
 	defer p.Stop()
 	select {
-	case <-p.Done():
+	case <-p.done:
 	case <-time.After(timeout):
 		return SourceResult{}, fmt.Errorf("%s: not done after %v; its output:\n%s", what, timeout, indent(Tail(p.Log()+p.Stdout(), 30)))
 	case <-o.Context().Done():
