@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 // TestBurst is the users' case. An @all in a 260-person team makes the chat
@@ -21,14 +23,14 @@ func TestBurst(t *testing.T) {
 		limit    = 20 // the upstream's per-client connection limit
 		maxConns = 10 // SMTPPOOL_MAX_CONNS, below the limit
 	)
-	pf := startPostfix(t, postfixOptions{Limit: limit})
+	pf := startPostfix(t, peers.PostfixOptions{Limit: limit})
 
 	// 1. Without the proxy: all 260 connections open and greeted before any
 	// sends, so that they are truly concurrent.
-	direct := newMessages("burst-direct", clients)
-	results := sendBurst(pf.Addr, direct, burstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
-	refused := count(results, func(r mailResult) bool { return r.Stage == stageGreeting && r.Code == 421 })
-	accepted := count(results, mailResult.Accepted)
+	direct := peers.NewMessages("burst-direct", clients)
+	results := peers.SendBurst(pf.Addr, direct, peers.BurstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
+	refused := count(results, func(r peers.Result) bool { return r.Stage == peers.StageGreeting && r.Code == 421 })
+	accepted := count(results, peers.Result.Accepted)
 	t.Logf("direct: %d/%d refused 421 at the greeting, %d accepted; replies: %s",
 		refused, clients, accepted, tally(results))
 	if refused == 0 {
@@ -37,8 +39,8 @@ func TestBurst(t *testing.T) {
 	if accepted > limit {
 		t.Errorf("direct: %d clients were accepted, more than the upstream's limit of %d", accepted, limit)
 	}
-	if n := count(results, mailResult.NoReply); n > 0 {
-		t.Errorf("direct: %d clients got no reply:\n%s", n, examples(results, 5, mailResult.NoReply))
+	if n := count(results, peers.Result.NoReply); n > 0 {
+		t.Errorf("direct: %d clients got no reply:\n%s", n, examples(results, 5, peers.Result.NoReply))
 	}
 	t.Logf("direct: upstream log has %d %q lines",
 		strings.Count(pf.Log(), "Connection concurrency limit exceeded"), "Connection concurrency limit exceeded")
@@ -46,26 +48,26 @@ func TestBurst(t *testing.T) {
 	// 2. The same burst through smtppool.
 	logStart := pf.LogSize()
 	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(maxConns)})
-	sampler := sampleConns(t, pf.Port)
-	msgs := newMessages("burst-proxy", clients)
+	sampler := peers.SampleConns(t, pf.Port)
+	msgs := peers.NewMessages("burst-proxy", clients)
 	start := time.Now()
-	results = sendBurst(proxy.Addr, msgs, burstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
+	results = peers.SendBurst(proxy.Addr, msgs, peers.BurstOptions{SyncGreeting: true, Timeout: 90 * time.Second})
 	elapsed := time.Since(start)
-	accepted = count(results, mailResult.Accepted)
+	accepted = count(results, peers.Result.Accepted)
 	t.Logf("via proxy: %d/%d clients got 250 in %v; replies: %s", accepted, clients, elapsed.Round(time.Millisecond), tally(results))
 	if accepted != clients {
 		t.Errorf("via proxy: only %d/%d clients got 250; replies: %s; examples:\n%s", accepted, clients, tally(results),
-			examples(results, 5, func(r mailResult) bool { return !r.Accepted() }))
+			examples(results, 5, func(r peers.Result) bool { return !r.Accepted() }))
 	}
 
-	var acked []testMessage
+	var acked []peers.Message
 	for _, r := range results {
 		if r.Accepted() {
 			acked = append(acked, r.Msg)
 		}
 	}
 	box := waitDelivered(t, pf, acked, 60*time.Second)
-	once, missing, duplicated := copies(box, msgs)
+	once, missing, duplicated := peers.Copies(box, msgs)
 	maxSeen, samples, err := sampler.Stop()
 	if err != nil {
 		t.Errorf("sampling upstream connections: %v", err)

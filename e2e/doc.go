@@ -3,6 +3,10 @@
 // a per-client connection limit or smtp-sink as the upstream, and Go
 // goroutines, smtp-source, swaks and Python's smtplib as clients.
 //
+// The processes, ports and clients come from the harness in
+// e2e/internal/peers, which the benchmark in e2e/bench uses too;
+// harness_test.go turns its errors into test failures.
+//
 // The tests carry the build tag e2e, so that "go test ./..." stays fast. Run
 // them from the module root with
 //

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 // TestRejections proves that the upstream's refusals reach the client: a
@@ -24,10 +26,10 @@ func TestRejections(t *testing.T) {
 		// retry, attempts when it must retry until tries run out
 		sessions int
 	}{
-		{"accepted", nil, stageEndOfData, 250, 1},
-		{"hard reject at RCPT (-f RCPT)", []string{"-f", "RCPT"}, stageRCPT, 500, 1},
-		{"soft reject at MAIL (-r MAIL)", []string{"-r", "MAIL"}, stageMAIL, 450, attempts},
-		{"421 and disconnect at MAIL (-Q MAIL)", []string{"-Q", "MAIL"}, stageMAIL, 451, attempts},
+		{"accepted", nil, peers.StageEndOfData, 250, 1},
+		{"hard reject at RCPT (-f RCPT)", []string{"-f", "RCPT"}, peers.StageRCPT, 500, 1},
+		{"soft reject at MAIL (-r MAIL)", []string{"-r", "MAIL"}, peers.StageMAIL, 450, attempts},
+		{"421 and disconnect at MAIL (-Q MAIL)", []string{"-Q", "MAIL"}, peers.StageMAIL, 451, attempts},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -41,18 +43,21 @@ func TestRejections(t *testing.T) {
 				"SMTPPOOL_RETRY_BACKOFF":     "50ms",
 				"SMTPPOOL_RETRY_BACKOFF_MAX": "200ms",
 			})
-			m := newMessages("reject", 1)[0]
-			r := sendMail(proxy.Addr, m, sendOptions{Timeout: 30 * time.Second})
+			m := peers.NewMessages("reject", 1)[0]
+			r := peers.SendMail(proxy.Addr, m, peers.SendOptions{Timeout: 30 * time.Second})
 
 			// Stop the proxy, which closes its sessions, so that smtp-sink's
 			// session counter is final.
-			proxy.Stop(t)
+			stopProxy(t, proxy)
 			waitFor(t, 10*time.Second, "the proxy's upstream sessions to close", func() (bool, string) {
-				n, err := establishedTo(sink.Port)
+				n, err := peers.EstablishedTo(sink.Port)
 				return err == nil && n == 0, "connections still open"
 			})
 			c := sink.Counters()
-			dumps := sink.Dumped(t)
+			dumps, err := sink.Dumped()
+			if err != nil {
+				t.Fatal(err)
+			}
 			retries := proxy.Count("transient upstream failure, retrying")
 			t.Logf("client: %d at %s (%q) after %v; upstream smtp-sink: %v; proxy retries %d; messages dumped %d",
 				r.Code, r.Stage, r.Reply, r.End.Sub(r.Start).Round(time.Millisecond), c, retries, len(dumps))

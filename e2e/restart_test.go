@@ -5,6 +5,8 @@ package e2e
 import (
 	"testing"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 // TestUpstreamRestartMidBurst stops the Postfix upstream one second into a
@@ -20,10 +22,10 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 		stopAt  = 1 * time.Second
 		downFor = 2 * time.Second
 	)
-	pf := startPostfix(t, postfixOptions{})
+	pf := startPostfix(t, peers.PostfixOptions{})
 	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": "10"})
-	sampler := sampleConns(t, pf.Port)
-	msgs := newMessages("restart", clients)
+	sampler := peers.SampleConns(t, pf.Port)
+	msgs := peers.NewMessages("restart", clients)
 
 	// The restart runs beside the burst; it reports when it stopped and
 	// started Postfix, relative to the start of the burst.
@@ -32,24 +34,25 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 		err                          error
 	}
 	restarted := make(chan restart, 1)
+	ctx := t.Context()
 	begin := time.Now()
 	go func() {
 		var r restart
 		defer func() { restarted <- r }()
 		time.Sleep(time.Until(begin.Add(stopAt)))
 		r.stopIssued = time.Since(begin)
-		if r.err = pf.stop(); r.err != nil {
+		if r.err = pf.Stop(ctx); r.err != nil {
 			return
 		}
 		r.stopped = time.Since(begin)
 		time.Sleep(time.Until(begin.Add(r.stopIssued + downFor)))
-		if r.err = pf.start(); r.err != nil {
+		if r.err = pf.Start(ctx); r.err != nil {
 			return
 		}
 		r.started = time.Since(begin)
 	}()
 
-	results := sendBurst(proxy.Addr, msgs, burstOptions{Spacing: spacing, Timeout: 60 * time.Second})
+	results := peers.SendBurst(proxy.Addr, msgs, peers.BurstOptions{Spacing: spacing, Timeout: 60 * time.Second})
 	burstTime := time.Since(begin)
 	rs := <-restarted
 	if rs.err != nil {
@@ -59,7 +62,7 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 		clients, burstTime.Round(time.Millisecond), rs.stopIssued.Round(time.Millisecond),
 		rs.stopped.Round(time.Millisecond), rs.started.Round(time.Millisecond))
 
-	var acked []testMessage
+	var acked []peers.Message
 	var ackedBefore, ackedDuring, ackedAfter int
 	for _, r := range results {
 		if !r.Accepted() {
@@ -75,9 +78,9 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 			ackedAfter++
 		}
 	}
-	transient := count(results, func(r mailResult) bool { return r.Err == nil && r.Code >= 400 && r.Code < 500 })
-	permanent := count(results, func(r mailResult) bool { return r.Err == nil && r.Code >= 500 })
-	noReply := count(results, mailResult.NoReply)
+	transient := count(results, func(r peers.Result) bool { return r.Err == nil && r.Code >= 400 && r.Code < 500 })
+	permanent := count(results, func(r peers.Result) bool { return r.Err == nil && r.Code >= 500 })
+	noReply := count(results, peers.Result.NoReply)
 	var slowest time.Duration
 	for _, r := range results {
 		slowest = max(slowest, r.End.Sub(r.Start))
@@ -86,15 +89,15 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 		len(acked), ackedBefore, ackedDuring, ackedAfter, transient, permanent, noReply, slowest.Round(time.Millisecond), tally(results))
 
 	if noReply > 0 {
-		t.Errorf("%d clients got no reply (dropped or hung):\n%s", noReply, examples(results, 5, mailResult.NoReply))
+		t.Errorf("%d clients got no reply (dropped or hung):\n%s", noReply, examples(results, 5, peers.Result.NoReply))
 	}
 	if permanent > 0 {
 		t.Errorf("%d clients got a permanent 5xx for a transient outage:\n%s", permanent, examples(results, 5,
-			func(r mailResult) bool { return r.Err == nil && r.Code >= 500 }))
+			func(r peers.Result) bool { return r.Err == nil && r.Code >= 500 }))
 	}
 	if bad := clients - len(acked) - transient - permanent - noReply; bad != 0 {
 		t.Errorf("%d clients ended neither with 250 nor with an error reply:\n%s", bad, examples(results, 5,
-			func(r mailResult) bool { return r.Err == nil && !r.Accepted() && r.Code < 400 }))
+			func(r peers.Result) bool { return r.Err == nil && !r.Accepted() && r.Code < 400 }))
 	}
 	if len(acked) == 0 {
 		t.Errorf("no client got 250")
@@ -103,15 +106,15 @@ func TestUpstreamRestartMidBurst(t *testing.T) {
 	// Postfix may hold acknowledged messages in its queue across the
 	// restart; waitDelivered flushes it.
 	box := waitDelivered(t, pf, acked, 90*time.Second)
-	once, missing, duplicated := copies(box, acked)
-	var unacked []testMessage
+	once, missing, duplicated := peers.Copies(box, acked)
+	var unacked []peers.Message
 	for _, r := range results {
 		if !r.Accepted() {
 			unacked = append(unacked, r.Msg)
 		}
 	}
-	_, _, unackedDup := copies(box, unacked)
-	unackedOnce, unackedMissing, _ := copies(box, unacked)
+	_, _, unackedDup := peers.Copies(box, unacked)
+	unackedOnce, unackedMissing, _ := peers.Copies(box, unacked)
 	maxSeen, samples, err := sampler.Stop()
 	if err != nil {
 		t.Errorf("sampling upstream connections: %v", err)

@@ -3,11 +3,11 @@
 package e2e
 
 import (
-	"context"
-	"os/exec"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 // TestConnectionReuse proves that the proxy reuses its upstream sessions:
@@ -29,17 +29,12 @@ func TestConnectionReuse(t *testing.T) {
 		// smtp-sink offers no STARTTLS: no opportunistic probe sessions.
 		"SMTPPOOL_UPSTREAM_TLS": "none",
 	})
-	sampler := sampleConns(t, sink.Port)
+	sampler := peers.SampleConns(t, sink.Port)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	start := time.Now()
-	src := exec.CommandContext(ctx, "smtp-source", "-s", strconv.Itoa(parallel), "-m", strconv.Itoa(messages),
-		"-f", "chat@client.e2e.test", "-t", "user@test.example", "-S", "reuse", "-M", "chat.e2e.test", proxy.Addr)
-	out, err := src.CombinedOutput()
-	elapsed := time.Since(start)
+	src, err := peers.RunSource(t, proxy.Addr, peers.SourceOptions{Sessions: parallel, Messages: messages, Subject: "reuse"}, 2*time.Minute)
+	elapsed := src.Wall
 	if err != nil {
-		t.Fatalf("smtp-source %v after %v (it stops at the first error): %s", err, elapsed.Round(time.Millisecond), out)
+		t.Fatalf("%v (smtp-source stops at the first error)", err)
 	}
 	waitFor(t, 10*time.Second, "smtp-sink to count every message", func() (bool, string) {
 		c := sink.Counters()
@@ -48,9 +43,9 @@ func TestConnectionReuse(t *testing.T) {
 
 	// Stop the proxy so that it closes its sessions and smtp-sink's session
 	// counter, updated when a session ends, is final.
-	proxy.Stop(t)
+	stopProxy(t, proxy)
 	waitFor(t, 10*time.Second, "the proxy's upstream sessions to close", func() (bool, string) {
-		n, err := establishedTo(sink.Port)
+		n, err := peers.EstablishedTo(sink.Port)
 		return err == nil && n == 0, strconv.Itoa(n) + " open"
 	})
 	maxSeen, samples, err := sampler.Stop()

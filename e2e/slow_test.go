@@ -5,6 +5,8 @@ package e2e
 import (
 	"testing"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 // TestSlowUpstreamExactAck proves that the client's 250 is the upstream's
@@ -15,9 +17,9 @@ func TestSlowUpstreamExactAck(t *testing.T) {
 	sink := startSink(t, false, "-W", ".:2")
 	proxy := startProxy(t, sink.Addr, nil)
 
-	msgs := newMessages("slow", 2)
+	msgs := peers.NewMessages("slow", 2)
 	for _, m := range msgs {
-		r := sendMail(proxy.Addr, m, sendOptions{Timeout: 30 * time.Second})
+		r := peers.SendMail(proxy.Addr, m, peers.SendOptions{Timeout: 30 * time.Second})
 		t.Logf("%s: %d at %s after %v from the final dot (upstream delay %v)",
 			m.ID, r.Code, r.Stage, r.DotToReply.Round(time.Millisecond), delay)
 		if !r.Accepted() {

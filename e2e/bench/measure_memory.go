@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 func (b *bench) memoryFigures() []figure {
@@ -21,25 +23,23 @@ func (b *bench) memoryFigures() []figure {
 }
 
 // measureMemory is measurements 5a and 5c (5b comes from measurement 1).
-func (b *bench) measureMemory() error {
+func (b *bench) measureMemory(g *peers.Group) error {
 	figs := b.memoryFigures()
 	var err error
-	if figs[0].Value, err = b.idleMemory(); err != nil {
+	if figs[0].Value, err = b.idleMemory(g); err != nil {
 		return fmt.Errorf("idle clients: %w", err)
 	}
-	if figs[1].Value, err = b.inflightMemory(); err != nil {
+	if figs[1].Value, err = b.inflightMemory(g); err != nil {
 		return fmt.Errorf("messages in flight: %w", err)
 	}
-	for _, f := range figs {
-		b.add(f)
-	}
+	b.add(figs...)
 	return nil
 }
 
 // openClients opens n connections to addr, each greeted and past EHLO, 100
 // at a time.
-func openClients(addr string, n int) ([]*smtpConn, error) {
-	conns := make([]*smtpConn, n)
+func openClients(addr string, n int) ([]*peers.Conn, error) {
+	conns := make([]*peers.Conn, n)
 	errs := make(chan error, n)
 	sem := make(chan struct{}, 100)
 	var wg sync.WaitGroup
@@ -49,12 +49,7 @@ func openClients(addr string, n int) ([]*smtpConn, error) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c, err := dialSMTP(addr, 30*time.Second)
-			if err == nil {
-				if err = c.ehlo(); err != nil {
-					c.close()
-				}
-			}
+			c, err := peers.Open(addr, 30*time.Second)
 			if err != nil {
 				errs <- err
 				return
@@ -71,10 +66,10 @@ func openClients(addr string, n int) ([]*smtpConn, error) {
 	return conns, nil
 }
 
-func closeClients(conns []*smtpConn) {
+func closeClients(conns []*peers.Conn) {
 	for _, c := range conns {
 		if c != nil {
-			c.close()
+			c.Close()
 		}
 	}
 }
@@ -82,50 +77,51 @@ func closeClients(conns []*smtpConn) {
 // idleMemory is 5a: a fresh smtppool, n clients connected and past EHLO
 // (where the chat server's connections wait), held idle for a second; the
 // figure is smtppool's VmHWM.
-func (b *bench) idleMemory() (float64, error) {
+func (b *bench) idleMemory(g *peers.Group) (float64, error) {
 	n := b.plan.idleClients
-	sk, err := startSink(b.tmp, 0)
+	sk, err := b.startSink(g, 0)
 	if err != nil {
 		return 0, err
 	}
-	defer sk.stop()
-	px, err := startProxy(b.bin, sk.addr, nil)
+	defer sk.Stop()
+	px, err := b.startProxy(g, sk.Addr, nil)
 	if err != nil {
 		return 0, err
 	}
-	defer px.stop()
-	if lim, err := procOpenFilesLimit(px.pid()); err != nil {
+	defer px.Stop()
+	if lim, err := procOpenFilesLimit(px.Pid()); err != nil {
 		return 0, err
 	} else if lim < int64(n+64) {
 		return 0, fmt.Errorf("smtppool's open-files limit is %d, too low for %d clients", lim, n)
 	}
-	rss0, err := px.kb("VmRSS")
+	rss0, err := procStatusKB(px.Pid(), "VmRSS")
 	if err != nil {
 		return 0, err
 	}
-	conns, err := openClients(px.addr, n)
+	conns, err := openClients(px.Addr, n)
 	if err != nil {
 		return 0, err
 	}
 	defer closeClients(conns)
 	time.Sleep(time.Second)
-	if err := px.alive(); err != nil {
+	if err := px.Alive(); err != nil {
 		return 0, err
 	}
-	hwm, err := px.kb("VmHWM")
+	hwm, err := procStatusKB(px.Pid(), "VmHWM")
 	if err != nil {
 		return 0, err
 	}
-	rss, err := px.kb("VmRSS")
+	rss, err := procStatusKB(px.Pid(), "VmRSS")
 	if err != nil {
 		return 0, err
 	}
 	b.detail("5a. Idle clients: a fresh smtppool; %d clients connect, read the greeting, send EHLO and wait (where the chat server's connections wait for MAIL). RSS %.1f MiB before, %.1f MiB with them (%.1f KiB per connection); VmHWM %.1f MiB.",
-		n, kib(rss0)/1024, kib(rss)/1024, kib(rss-rss0)/float64(n), kib(hwm)/1024)
-	return kib(hwm) / 1024, nil
+		n, mib(rss0), mib(rss), float64(rss-rss0)/float64(n), mib(hwm))
+	return mib(hwm), nil
 }
 
-func kib(kb int64) float64 { return float64(kb) }
+// mib converts a /proc figure in KiB to MiB.
+func mib(kb int64) float64 { return float64(kb) / 1024 }
 
 // inflightMemory is 5c. smtp-sink delays its reply to each final dot, and
 // smtppool has K sessions, so K messages sent at once are all held in
@@ -136,39 +132,25 @@ func kib(kb int64) float64 { return float64(kb) }
 // counted all K final dots, so every message is buffered in smtppool; RSS is
 // sampled until the first reply arrives and the largest sample counts.
 // Extra per message = (RSS in flight - RSS idle) / K - S.
-func (b *bench) inflightMemory() (float64, error) {
+func (b *bench) inflightMemory(g *peers.Group) (float64, error) {
 	pl := b.plan
-	k, size, delay := pl.inflightK, pl.inflightBytes, pl.inflightDelay
-	sk, err := startSink(b.tmp, delay)
+	k, delay := pl.inflightK, pl.inflightDelay
+	sk, err := b.startSink(g, delay)
 	if err != nil {
 		return 0, err
 	}
-	defer sk.stop()
-	px, err := startProxy(b.bin, sk.addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(k)})
+	defer sk.Stop()
+	px, err := b.startProxy(g, sk.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(k)})
 	if err != nil {
 		return 0, err
 	}
-	defer px.stop()
-
-	// Warm-up: K small messages at once open K upstream sessions.
-	conns, err := openClients(px.addr, k)
-	if err != nil {
-		return 0, err
-	}
-	small := testMessage(500, "warm")
-	if err := eachConn(conns, func(c *smtpConn) error { return c.send(small) }); err != nil {
-		closeClients(conns)
+	defer px.Stop()
+	if err := warmPool(px, sk, k); err != nil {
 		return 0, fmt.Errorf("warm-up: %w", err)
-	}
-	for _, c := range conns {
-		c.quit()
-	}
-	if c := sk.snapshot(); c.sess != 0 {
-		return 0, fmt.Errorf("smtppool closed %d upstream sessions during the warm-up", c.sess)
 	}
 
 	// Baseline: K clients connected and idle.
-	conns, err = openClients(px.addr, k)
+	conns, err := openClients(px.Addr, k)
 	if err != nil {
 		return 0, err
 	}
@@ -179,71 +161,104 @@ func (b *bench) inflightMemory() (float64, error) {
 		return 0, err
 	}
 
-	// In flight.
-	msg := testMessage(size, "inflight")
-	before := sk.snapshot().mesg
+	m := peers.NewMessages("inflight", 1)[0].Padded(pl.inflightBytes)
+	held, err := holdInFlight(g, px, sk, conns, m, time.Duration(delay)*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	extra := (float64(held.peak)-float64(idle))*1024/float64(k) - float64(held.size)
+	b.detail("5c. In flight: smtp-sink -W .:%d holds every reply for %d s; smtppool with SMTPPOOL_MAX_CONNS=K=%d, its %d sessions opened by a warm-up; K clients past EHLO: RSS %.1f MiB idle (median of 5 samples). Each then sends a %d-byte message; %v after the start all K had reached the sink, so all were buffered in smtppool; the largest of %d RSS samples before the first reply: %.1f MiB (VmHWM %.1f MiB). Extra per message = (%.1f MiB - %.1f MiB) / %d - %d bytes = %.1f KiB.",
+		delay, delay, k, k, mib(idle), held.size, held.allIn.Round(time.Millisecond), held.samples, mib(held.peak), mib(held.hwm),
+		mib(held.peak), mib(idle), k, held.size, extra/1024)
+	return extra / 1024, nil
+}
+
+// warmPool makes smtppool open k upstream sessions: k clients send a small
+// message each, at once.
+func warmPool(px *peers.Proxy, sk *peers.Sink, k int) error {
+	conns, err := openClients(px.Addr, k)
+	if err != nil {
+		return err
+	}
+	small := peers.NewMessages("warm", 1)[0].Padded(500)
+	if err := eachConn(conns, func(c *peers.Conn) error { return c.Send(small) }); err != nil {
+		closeClients(conns)
+		return err
+	}
+	for _, c := range conns {
+		c.Quit()
+	}
+	if c := sk.Counters(); c.Sess != 0 {
+		return fmt.Errorf("smtppool closed %d upstream sessions during the warm-up", c.Sess)
+	}
+	return nil
+}
+
+// inFlight is what holdInFlight saw.
+type inFlight struct {
+	size      int           // bytes of each message
+	allIn     time.Duration // from the start until the sink had every message
+	peak, hwm int64         // smtppool's largest RSS sample, and its VmHWM, in KiB
+	samples   int
+}
+
+// holdInFlight has every client send m at once, waits until the sink has
+// counted every final dot (it holds the replies for delay), then samples
+// smtppool's RSS until the first reply arrives.
+func holdInFlight(g *peers.Group, px *peers.Proxy, sk *peers.Sink, conns []*peers.Conn, m peers.Message, delay time.Duration) (inFlight, error) {
+	data := m.Bytes()
+	r := inFlight{size: len(data)}
+	before := sk.Counters().Mesg
 	var written sync.WaitGroup
-	written.Add(k)
+	written.Add(len(conns))
 	var replies atomic.Int32
-	errs := make(chan error, k)
+	errs := make(chan error, len(conns))
 	start := time.Now()
 	for _, c := range conns {
 		go func() {
-			err := c.cmd(250, "MAIL FROM:<sender@bench.example>")
+			err := c.Begin(m)
 			if err == nil {
-				err = c.cmd(250, "RCPT TO:<rcpt@rcpt.example>")
-			}
-			if err == nil {
-				err = c.cmd(354, "DATA")
-			}
-			if err == nil {
-				err = c.writeBody(msg)
+				err = c.WriteData(data)
 			}
 			written.Done()
 			if err == nil {
-				err = c.endReply()
+				err = c.Expect(250, "")
 			}
 			replies.Add(1)
 			errs <- err
 		}()
 	}
 	written.Wait()
-	if _, err := sk.waitFor(func(c sinkCounts) bool { return c.mesg >= before+int64(k) }, time.Duration(delay)*time.Second); err != nil {
-		return 0, fmt.Errorf("not all %d messages reached the sink before the first reply could: %w", k, err)
+	if _, err := sk.WaitCounters(g.Context(), delay, func(c peers.SinkCounters) bool { return c.Mesg >= before+len(conns) }); err != nil {
+		return r, fmt.Errorf("not all %d messages reached the sink before the first reply could: %w", len(conns), err)
 	}
-	allIn := time.Since(start)
-	var peak int64
-	samples := 0
-	for replies.Load() == 0 && time.Since(start) < time.Duration(delay)*time.Second {
-		rss, err := px.kb("VmRSS")
+	r.allIn = time.Since(start)
+	for replies.Load() == 0 && time.Since(start) < delay {
+		rss, err := procStatusKB(px.Pid(), "VmRSS")
 		if err != nil {
-			return 0, err
+			return r, err
 		}
 		if replies.Load() != 0 {
 			break
 		}
-		peak = max(peak, rss)
-		samples++
+		r.peak = max(r.peak, rss)
+		r.samples++
 		time.Sleep(20 * time.Millisecond)
 	}
-	for range k {
+	for range conns {
 		if err := <-errs; err != nil {
-			return 0, fmt.Errorf("sending: %w", err)
+			return r, fmt.Errorf("sending: %w", err)
 		}
 	}
-	if samples == 0 {
-		return 0, fmt.Errorf("no RSS sample while all %d messages were in flight (they all reached the sink after %v; the sink delays replies by %d s)", k, allIn, delay)
+	if r.samples == 0 {
+		return r, fmt.Errorf("no RSS sample while all %d messages were in flight (they all reached the sink after %v; the sink delays replies by %v)", len(conns), r.allIn, delay)
 	}
-	hwm, _ := px.kb("VmHWM")
-	extra := (kib(peak)-kib(idle))*1024/float64(k) - float64(len(msg))
-	b.detail("5c. In flight: smtp-sink -W .:%d holds every reply for %d s; smtppool with SMTPPOOL_MAX_CONNS=K=%d, its %d sessions opened by a warm-up; K clients past EHLO: RSS %.1f MiB idle (median of 5 samples). Each then sends a %d-byte message; %v after the start all K had reached the sink, so all were buffered in smtppool; the largest of %d RSS samples before the first reply: %.1f MiB (VmHWM %.1f MiB). Extra per message = (%.1f MiB - %.1f MiB) / %d - %d bytes = %.1f KiB.",
-		delay, delay, k, k, kib(idle)/1024, len(msg), allIn.Round(time.Millisecond), samples, kib(peak)/1024, kib(hwm)/1024,
-		kib(peak)/1024, kib(idle)/1024, k, len(msg), extra/1024)
-	return extra / 1024, nil
+	r.hwm, _ = procStatusKB(px.Pid(), "VmHWM")
+	return r, nil
 }
 
 // eachConn runs f on every connection at once and returns the first error.
-func eachConn(conns []*smtpConn, f func(*smtpConn) error) error {
+func eachConn(conns []*peers.Conn, f func(*peers.Conn) error) error {
 	errs := make(chan error, len(conns))
 	for _, c := range conns {
 		go func() { errs <- f(c) }()
@@ -258,13 +273,13 @@ func eachConn(conns []*smtpConn, f func(*smtpConn) error) error {
 }
 
 // sampleMedian returns the median of n VmRSS samples of px, every gap.
-func sampleMedian(px *proxyProc, n int, gap time.Duration) (int64, error) {
+func sampleMedian(px *peers.Proxy, n int, gap time.Duration) (int64, error) {
 	var xs []float64
 	for i := range n {
 		if i > 0 {
 			time.Sleep(gap)
 		}
-		v, err := px.kb("VmRSS")
+		v, err := procStatusKB(px.Pid(), "VmRSS")
 		if err != nil {
 			return 0, err
 		}

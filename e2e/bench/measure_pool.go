@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 )
 
 func (b *bench) poolFigures() []figure {
@@ -23,12 +25,12 @@ func (b *bench) poolFigures() []figure {
 // are relayed, and sends N × rounds messages. The pool's ramp-up (dialling
 // N sessions at the first MAILs) is included, amortised over the rounds.
 // Achieved = messages ÷ smtp-source's wall time; the limit is N/L.
-func (b *bench) measurePool() error {
+func (b *bench) measurePool(g *peers.Group) error {
 	pl := b.plan
 	figs := b.poolFigures()
 	L := float64(pl.poolDelay)
 	for i, n := range pl.poolNs {
-		ratio, wall, err := b.poolRun(n)
+		ratio, wall, err := b.poolRun(g, n)
 		if err != nil {
 			return fmt.Errorf("N=%d: %w", n, err)
 		}
@@ -39,37 +41,37 @@ func (b *bench) measurePool() error {
 	}
 	b.detail("2. Method: smtp-sink -W .:%d delays the reply to each final dot by L = %d s (it refuses fractions); a fresh smtp-sink and smtppool (SMTPPOOL_MAX_CONNS=N) per N; smtp-source -s 2N -m %d×N, one connection per message; the time includes the pool's ramp-up.",
 		pl.poolDelay, pl.poolDelay, pl.poolRounds)
-	for _, f := range figs {
-		b.add(f)
-	}
+	b.add(figs...)
 	return nil
 }
 
-func (b *bench) poolRun(n int) (ratio float64, wall time.Duration, err error) {
+// poolRun runs measurement 2 for n sessions and returns the achieved rate
+// divided by the limit, and smtp-source's wall time.
+func (b *bench) poolRun(g *peers.Group, n int) (ratio float64, wall time.Duration, err error) {
 	pl := b.plan
-	sk, err := startSink(b.tmp, pl.poolDelay)
+	sk, err := b.startSink(g, pl.poolDelay)
 	if err != nil {
 		return 0, 0, err
 	}
-	defer sk.stop()
-	px, err := startProxy(b.bin, sk.addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(n)})
+	defer sk.Stop()
+	px, err := b.startProxy(g, sk.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(n)})
 	if err != nil {
 		return 0, 0, err
 	}
-	defer px.stop()
+	defer px.Stop()
 	msgs := n * pl.poolRounds
 	timeout := time.Duration(pl.poolRounds*pl.poolDelay)*time.Second*3 + 30*time.Second
-	res, err := runSource(2*n, msgs, 1000, px.addr, timeout)
+	res, err := peers.RunSource(g, px.Addr, peers.SourceOptions{Sessions: 2 * n, Messages: msgs, Bytes: 1000}, timeout)
 	if err != nil {
 		return 0, 0, err
 	}
-	if err := px.alive(); err != nil {
+	if err := px.Alive(); err != nil {
 		return 0, 0, err
 	}
-	if c := sk.snapshot(); c.mesg != int64(msgs) {
-		return 0, 0, fmt.Errorf("smtp-sink received %d messages, want %d", c.mesg, msgs)
+	if c := sk.Counters(); c.Mesg != msgs {
+		return 0, 0, fmt.Errorf("smtp-sink received %d messages, want %d", c.Mesg, msgs)
 	}
-	achieved := float64(msgs) / res.wall.Seconds()
+	achieved := float64(msgs) / res.Wall.Seconds()
 	limit := float64(n) / float64(pl.poolDelay)
-	return achieved / limit, res.wall, nil
+	return achieved / limit, res.Wall, nil
 }

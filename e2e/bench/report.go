@@ -1,11 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"html"
 	"io"
 	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
 	"strings"
+	"time"
 )
 
 // Direction of a target.
@@ -211,4 +219,102 @@ func writeSVG(w io.Writer, title, subtitle string, figs []figure) {
 			barX+barW+12, cy+5, html.EscapeString(label+"  "+f.statusText()))
 	}
 	fmt.Fprintln(w, `</svg>`)
+}
+
+// writeResults writes results.md and results.svg into the folder -out
+// names; by default, only a full run writes into the repository, and a
+// partial one into a temporary folder.
+func (b *bench) writeResults(opts options, elapsed time.Duration) error {
+	dir := opts.out
+	switch {
+	case dir != "":
+	case opts.quick || len(opts.only) > 0:
+		var err error
+		if dir, err = os.MkdirTemp("", "smtppool-bench-quick-"); err != nil {
+			return err
+		}
+	default:
+		dir = filepath.Join(b.root, "e2e", "bench")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	var md bytes.Buffer
+	b.writeMarkdown(&md, elapsed, opts)
+	if err := os.WriteFile(filepath.Join(dir, "results.md"), md.Bytes(), 0o644); err != nil {
+		return err
+	}
+	var svg bytes.Buffer
+	writeSVG(&svg, "smtppool benchmark: each figure against its target",
+		fmt.Sprintf("go run ./e2e/bench, %s, %s", b.start.UTC().Format("2006-01-02"), machineSummary()), b.figs)
+	if err := os.WriteFile(filepath.Join(dir, "results.svg"), svg.Bytes(), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("wrote %s and %s\n", filepath.Join(dir, "results.md"), filepath.Join(dir, "results.svg"))
+	return nil
+}
+
+// writeMarkdown writes the report: the table, then how each figure was
+// measured.
+func (b *bench) writeMarkdown(md io.Writer, elapsed time.Duration, opts options) {
+	kind := "full run"
+	if opts.quick {
+		kind = "quick smoke run (-quick): small samples, not for publishing"
+	}
+	if len(opts.only) > 0 {
+		ids := make([]string, 0, len(opts.only))
+		for id := range opts.only {
+			ids = append(ids, id)
+		}
+		sort.Strings(ids)
+		kind += ", only measurements " + strings.Join(ids, ",")
+	}
+	fmt.Fprintf(md, "<!-- written by go run ./e2e/bench; do not edit -->\n")
+	fmt.Fprintf(md, "Results of `go run ./e2e/bench` (%s), %s, run time %v.\n\n", kind, b.start.UTC().Format("2006-01-02 15:04 MST"), elapsed)
+	markdownTable(md, b.figs)
+	fmt.Fprintf(md, "\n![Each figure against its target](results.svg)\n")
+	fmt.Fprintf(md, "\nEvery ratio and difference was measured side by side in this one run, on loopback, with real peers (Postfix's smtp-sink and smtp-source, and Postfix itself).\n\n")
+	fmt.Fprintf(md, "#### How each figure was measured\n\n")
+	// A detail line that starts with its measurement's number.
+	numbered := regexp.MustCompile(`^(\d+[a-c]?)\. (.*)$`)
+	for _, d := range b.details {
+		switch m := numbered.FindStringSubmatch(d); {
+		case strings.HasPrefix(d, "   "):
+			fmt.Fprintf(md, "  - %s\n", strings.TrimSpace(d))
+		case m != nil:
+			fmt.Fprintf(md, "- **%s.** %s\n", m[1], m[2])
+		default:
+			fmt.Fprintf(md, "- %s\n", d)
+		}
+	}
+}
+
+func machineSummary() string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	return fmt.Sprintf("%d cores (%s), Linux %s, %s", runtime.NumCPU(), model, strings.TrimSpace(string(kernel)), runtime.Version())
+}
+
+func gitDescribe(root string) string {
+	out, err := exec.Command("git", "-C", root, "describe", "--always", "--dirty").Output()
+	if err != nil {
+		return "(not a git checkout)"
+	}
+	return "commit " + strings.TrimSpace(string(out))
+}
+
+func postfixVersion() string {
+	out, err := exec.Command("postconf", "-d", "-h", "mail_version").Output()
+	if err != nil {
+		return "Postfix (version unknown)"
+	}
+	return "Postfix " + strings.TrimSpace(string(out))
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/smtppool/smtppool/e2e/internal/peers"
 	"github.com/smtppool/smtppool/internal/memsmtp"
 )
 
@@ -27,7 +28,7 @@ import (
 // it was asked for.
 func TestRealClients(t *testing.T) {
 	certFile, keyFile := writeCertificate(t, "127.0.0.1", "localhost")
-	pf := startPostfix(t, postfixOptions{TLSCert: certFile, TLSKey: keyFile})
+	pf := startPostfix(t, peers.PostfixOptions{TLSCert: certFile, TLSKey: keyFile})
 
 	modes := []struct {
 		name string
@@ -39,7 +40,7 @@ func TestRealClients(t *testing.T) {
 	}
 	clients := []struct {
 		name string
-		send func(addr string, m testMessage) error
+		send func(addr string, m peers.Message) error
 	}{
 		{"swaks", sendWithSwaks},
 		{"python-smtplib", sendWithPython},
@@ -49,9 +50,9 @@ func TestRealClients(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			logStart := pf.LogSize()
 			proxy := startProxy(t, pf.Addr, mode.env)
-			var sent []testMessage
+			var sent []peers.Message
 			for _, c := range clients {
-				m := newMessages("clients-"+mode.name+"-"+c.name, 1)[0]
+				m := peers.NewMessages("clients-"+mode.name+"-"+c.name, 1)[0]
 				start := time.Now()
 				if err := c.send(proxy.Addr, m); err != nil {
 					t.Errorf("%s through the proxy (%s upstream): %v", c.name, mode.name, err)
@@ -81,7 +82,7 @@ func TestRealClients(t *testing.T) {
 				}
 				// The body crossed two SMTP hops intact, a line that
 				// starts with a dot included.
-				if strings.HasSuffix(m.ID, "go-net-smtp-0."+runID+"@e2e.smtppool.test>") {
+				if strings.HasSuffix(m.ID, "go-net-smtp-0."+peers.RunID()+"@e2e.smtppool.test>") {
 					b, err := os.ReadFile(copies[0].Path)
 					if err != nil {
 						t.Fatal(err)
@@ -135,13 +136,13 @@ func writeCertificate(t *testing.T, hosts ...string) (certFile, keyFile string) 
 }
 
 // sendWithSwaks sends m with swaks; its exit code says where it failed.
-func sendWithSwaks(addr string, m testMessage) error {
+func sendWithSwaks(addr string, m peers.Message) error {
 	out, err := exec.Command("swaks", "--server", addr, "--timeout", "30",
 		"--from", m.From, "--to", m.To,
 		"--header", "Subject: "+m.Subject, "--header", "Message-Id: "+m.ID,
 		"--body", "Sent by swaks through smtppool.").CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("swaks: %v (exit 21 banner, 23 MAIL, 24 RCPT, 25 DATA, 26 after the dot)\n%s", err, tail(string(out), 15))
+		return fmt.Errorf("swaks: %v (exit 21 banner, 23 MAIL, 24 RCPT, 25 DATA, 26 after the dot)\n%s", err, peers.Tail(string(out), 15))
 	}
 	return nil
 }
@@ -162,17 +163,17 @@ with smtplib.SMTP(host, int(port), timeout=30) as s:
 `
 
 // sendWithPython sends m with Python's smtplib.
-func sendWithPython(addr string, m testMessage) error {
+func sendWithPython(addr string, m peers.Message) error {
 	host, port, _ := net.SplitHostPort(addr)
 	out, err := exec.Command("python3", "-c", pythonClient, host, port, m.From, m.To, m.Subject, m.ID).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("python3 smtplib: %v\n%s", err, tail(string(out), 15))
+		return fmt.Errorf("python3 smtplib: %v\n%s", err, peers.Tail(string(out), 15))
 	}
 	return nil
 }
 
 // sendWithNetSMTP sends m with Go's net/smtp, within a deadline.
-func sendWithNetSMTP(addr string, m testMessage) error {
+func sendWithNetSMTP(addr string, m peers.Message) error {
 	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return err

@@ -1,0 +1,121 @@
+package peers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/mail"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// StoredMessage is one delivered copy of a message.
+type StoredMessage struct {
+	Path   string
+	Header mail.Header
+}
+
+// Mailbox is the delivered copies of messages, by Message-ID ("<...>").
+type Mailbox map[string][]StoredMessage
+
+// add reads every message file in dir (one message per file, as in a
+// maildir or smtp-sink's -d dumps) into box. A folder that does not exist
+// holds nothing.
+func (box Mailbox) add(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read mailbox: %w", err)
+	}
+	for _, e := range entries {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		m, err := readHeader(path)
+		if err != nil {
+			return err
+		}
+		id := strings.TrimSpace(m.Get("Message-Id"))
+		box[id] = append(box[id], StoredMessage{Path: path, Header: m})
+	}
+	return nil
+}
+
+func readHeader(path string) (mail.Header, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read delivered message: %w", err)
+	}
+	defer f.Close()
+	m, err := mail.ReadMessage(f)
+	if err != nil {
+		return nil, fmt.Errorf("parse %s: %w", path, err)
+	}
+	return m.Header, nil
+}
+
+// Copies counts, for each message of msgs, its copies in box, and returns
+// how many have exactly one, none, and more than one.
+func Copies(box Mailbox, msgs []Message) (once, missing, duplicated int) {
+	for _, m := range msgs {
+		switch len(box[m.ID]) {
+		case 0:
+			missing++
+		case 1:
+			once++
+		default:
+			duplicated++
+		}
+	}
+	return once, missing, duplicated
+}
+
+// Mailbox indexes what a Postfix upstream has delivered: every recipient
+// at its domain lands in one maildir.
+func (p *Postfix) Mailbox() (Mailbox, error) {
+	box := Mailbox{}
+	for _, sub := range []string{"new", "cur"} {
+		if err := box.add(filepath.Join(p.Dir, "mail", "sink", sub)); err != nil {
+			return nil, err
+		}
+	}
+	return box, nil
+}
+
+// WaitDelivered waits until a Postfix upstream has delivered every message
+// of want and its queue is empty, flushing the queue every 2 s, and returns
+// its mailbox.
+func (p *Postfix) WaitDelivered(ctx context.Context, want []Message, timeout time.Duration) (Mailbox, error) {
+	var box Mailbox
+	var err error
+	lastFlush := time.Now()
+	pollErr := Poll(ctx, timeout, fmt.Sprintf("%d messages in the upstream's mailbox", len(want)), func() (bool, string) {
+		if box, err = p.Mailbox(); err != nil {
+			return true, ""
+		}
+		got := 0
+		for _, m := range want {
+			if len(box[m.ID]) > 0 {
+				got++
+			}
+		}
+		queued := p.queueLen()
+		if got == len(want) && queued == 0 {
+			return true, ""
+		}
+		if time.Since(lastFlush) > 2*time.Second {
+			p.flush()
+			lastFlush = time.Now()
+		}
+		return false, fmt.Sprintf("%d/%d delivered, %d in Postfix's queue", got, len(want), queued)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return box, pollErr
+}
