@@ -220,7 +220,7 @@ func startRun(t *testing.T, args, environ []string) (addr string, log *syncBuffe
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, args, append(environ, "SMTPPOOL_LISTEN_ADDR=127.0.0.1:0", "SMTPPOOL_LOG_LEVEL=debug"), log)
+		done <- run(ctx, args, append([]string{"SMTPPOOL_LISTEN_ADDR=127.0.0.1:0", "SMTPPOOL_ADMIN_ADDR=127.0.0.1:0", "SMTPPOOL_LOG_LEVEL=debug"}, environ...), log)
 	}()
 	re := regexp.MustCompile(`"msg":"smtppool listening","addr":"([^"]+)"`)
 	deadline := time.Now().Add(10 * time.Second)

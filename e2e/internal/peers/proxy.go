@@ -54,8 +54,8 @@ type Proxy struct {
 
 // StartProxy runs the smtppool binary bin against upstream on a free
 // loopback port and waits until it listens. env adds SMTPPOOL_ variables to
-// those StartProxy sets (the listen address, the upstream and the host
-// name) or replaces them; the caller's own SMTPPOOL_ variables are dropped.
+// those StartProxy sets (the listen address, the upstream, the host name
+// and an admin address on a free port) or replaces them; the caller's own SMTPPOOL_ variables are dropped.
 // The owner's cleanup stops it.
 func StartProxy(o Owner, bin, upstream string, env map[string]string) (*Proxy, error) {
 	port, err := FreePort()
@@ -67,6 +67,7 @@ func StartProxy(o Owner, bin, upstream string, env map[string]string) (*Proxy, e
 		"SMTPPOOL_LISTEN_ADDR":   addr,
 		"SMTPPOOL_UPSTREAM_ADDR": upstream,
 		"SMTPPOOL_HOSTNAME":      "smtppool.e2e.test",
+		"SMTPPOOL_ADMIN_ADDR":    "127.0.0.1:0", // a test that needs it reads the port from the log
 	}
 	for k, v := range env {
 		vars[k] = v
