@@ -55,11 +55,6 @@ func (c *Conn) MaxMessageSize() (size int64, ok bool) {
 	return n, true
 }
 
-// ErrInvalidArgument means a command was refused before it was sent: its
-// argument holds CR, LF or NUL, which would end or corrupt the command line.
-// The session stays healthy.
-var ErrInvalidArgument = errors.New("argument contains CR, LF or NUL")
-
 // checkArgument refuses what go-smtp's client would refuse locally (CR and
 // LF) and NUL, before anything is sent.
 func checkArgument(cmd, arg string) error {
@@ -151,34 +146,6 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 	return c.res.Value().fail(ctx, stage, err)
 }
 
-// bind makes the session give up when ctx ends, by closing its connection
-// (which also unblocks a command waiting for its reply), and returns the
-// function that stops watching ctx.
-func (s *session) bind(ctx context.Context) (stop func()) {
-	if ctx.Done() == nil {
-		return func() {}
-	}
-	unwatch := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
-	return func() { unwatch() }
-}
-
-// fail marks the session broken after an I/O error, a 421 or the end of
-// ctx, and wraps err with the command's name (and ctx's cause).
-func (s *session) fail(ctx context.Context, cmd string, err error) error {
-	if err == nil {
-		return nil
-	}
-	if ctx.Err() != nil {
-		s.broken = true
-		return fmt.Errorf("upstream %s: %w (%w)", cmd, err, context.Cause(ctx))
-	}
-	var smtpErr *smtp.SMTPError
-	if !errors.As(err, &smtpErr) || smtpErr.Code == 421 {
-		s.broken = true
-	}
-	return fmt.Errorf("upstream %s: %w", cmd, err)
-}
-
 // Release returns the session to the pool. A session left in the middle of
 // a transaction is reset with RSET when the pool has no credentials, and
 // closed otherwise: go-smtp's client follows RSET with EHLO, after which
@@ -223,15 +190,4 @@ func (c *Conn) Discard() {
 		reason = closeBroken
 	}
 	c.pool.destroy(c.res, reason)
-}
-
-// reset aborts the unfinished transaction with RSET. go-smtp's Client.Reset
-// makes the client send EHLO again before its next command, and a failure
-// there would be swallowed by Extension, so EHLO is sent here, where a
-// failure marks the session broken.
-func (s *session) reset(localName string) error {
-	if err := s.client.Reset(); err != nil {
-		return err
-	}
-	return s.client.Hello(localName)
 }

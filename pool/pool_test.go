@@ -66,18 +66,6 @@ func send(c *pool.Conn, id int) error {
 	return err
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func TestSessionIsReusedAcrossTransactions(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{})
 	p := newPool(t, up, pool.Config{})
@@ -104,7 +92,7 @@ func TestSessionIsReusedAcrossTransactions(t *testing.T) {
 
 func TestMaxConnsIsAHardCap(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{})
-	up.Inject(memsmtp.Data, repeat(memsmtp.Fault{Delay: 5 * time.Millisecond}, 60)...)
+	up.Inject(memsmtp.Data, memsmtp.Repeat(memsmtp.Fault{Delay: 5 * time.Millisecond}, 60)...)
 	p := newPool(t, up, pool.Config{MaxConns: 3})
 	var wg sync.WaitGroup
 	errs := make(chan error, 60)
@@ -138,14 +126,6 @@ func TestMaxConnsIsAHardCap(t *testing.T) {
 	if ps := p.Stat(); ps.ConnsOpened > 3 || ps.EmptyAcquireCount == 0 {
 		t.Errorf("Stat = %+v; want at most 3 sessions opened and some acquires that waited", ps)
 	}
-}
-
-func repeat(f memsmtp.Fault, n int) []memsmtp.Fault {
-	fs := make([]memsmtp.Fault, n)
-	for i := range fs {
-		fs[i] = f
-	}
-	return fs
 }
 
 // A session is destroyed, never reused, after any of these.
@@ -215,7 +195,7 @@ func TestIdleSessionIsCheckedWithNOOP(t *testing.T) {
 	first := c.ID()
 	c.Release()
 	up.CloseConns() // the upstream restarts while the session idles
-	waitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
+	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
 
 	c = acquire(t, p)
 	defer c.Release()
@@ -251,8 +231,8 @@ func TestSessionLimits(t *testing.T) {
 				}
 				c.Release()
 			}
-			waitFor(t, "retired sessions to close", func() bool { return tt.stat(p.Stat()) == tt.conns })
-			waitFor(t, "upstream connections to close", func() bool { return up.Stats().Open == 0 })
+			memsmtp.WaitFor(t, "retired sessions to close", func() bool { return tt.stat(p.Stat()) == tt.conns })
+			memsmtp.WaitFor(t, "upstream connections to close", func() bool { return up.Stats().Open == 0 })
 			st := up.Stats()
 			if st.Conns != tt.conns || st.Messages != 6 {
 				t.Errorf("upstream saw %d connections and %d messages, want %d and 6", st.Conns, st.Messages, tt.conns)
@@ -269,8 +249,8 @@ func TestHealthCheckClosesIdleConns(t *testing.T) {
 	p := newPool(t, up, pool.Config{MaxConnIdleTime: 20 * time.Millisecond, HealthCheckPeriod: 10 * time.Millisecond})
 	c := acquire(t, p)
 	c.Release()
-	waitFor(t, "the idle session to close", func() bool { return p.Stat().TotalConns == 0 })
-	waitFor(t, "the upstream connection to close", func() bool { return up.Stats().Open == 0 })
+	memsmtp.WaitFor(t, "the idle session to close", func() bool { return p.Stat().TotalConns == 0 })
+	memsmtp.WaitFor(t, "the upstream connection to close", func() bool { return up.Stats().Open == 0 })
 	if st := p.Stat(); st.ClosedIdle != 1 {
 		t.Errorf("ClosedIdle = %d, want 1", st.ClosedIdle)
 	}
@@ -291,7 +271,7 @@ func TestCloseQuitsSessionsAndRefusesAcquire(t *testing.T) {
 	if n := up.Stats().Commands["QUIT"]; n != 2 {
 		t.Errorf("after Close: %d QUIT, want 2", n)
 	}
-	waitFor(t, "the upstream to see both connections closed", func() bool { return up.Stats().Open == 0 })
+	memsmtp.WaitFor(t, "the upstream to see both connections closed", func() bool { return up.Stats().Open == 0 })
 	if _, err := p.Acquire(context.Background()); !errors.Is(err, pool.ErrClosed) {
 		t.Errorf("Acquire after Close: %v, want ErrClosed", err)
 	}
@@ -345,7 +325,7 @@ func TestConnectFailures(t *testing.T) {
 			if _, err := p.Acquire(context.Background()); !errors.Is(err, pool.ErrUpstreamDown) || up.Stats().Conns != 1 {
 				t.Errorf("Acquire right after the failure: %v after %d dials; want ErrUpstreamDown after 1", err, up.Stats().Conns)
 			}
-			waitFor(t, "a probe to succeed", func() bool {
+			memsmtp.WaitFor(t, "a probe to succeed", func() bool {
 				c, err := p.Acquire(context.Background())
 				if err != nil {
 					return false
@@ -525,4 +505,78 @@ func TestEHLOAfterRSETIsSentAtRelease(t *testing.T) {
 	if st := p.Stat(); st.IdleConns != 1 || st.ClosedBroken != 0 {
 		t.Errorf("Stat = %+v, want the healthy session idle", st)
 	}
+}
+
+// stallingDialer hands out connections whose reads can be stalled, as an
+// upstream that stops answering.
+type stallingDialer struct {
+	stalled chan struct{} // closed: reads block until the connection closes
+	mu      sync.Mutex
+	conns   []*stallConn
+}
+
+type stallConn struct {
+	net.Conn
+	d      *stallingDialer
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (d *stallingDialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &stallConn{Conn: c, d: d, closed: make(chan struct{})}, nil
+}
+
+func (c *stallConn) Read(b []byte) (int, error) {
+	select {
+	case <-c.d.stalled:
+		<-c.closed
+		return 0, net.ErrClosed
+	default:
+		return c.Conn.Read(b)
+	}
+}
+
+func (c *stallConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+// TestHealthCheckAtAcquireHonoursTheContext: the NOOP to a session that
+// idled gives up when Acquire's context ends.
+func TestHealthCheckAtAcquireHonoursTheContext(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	d := &stallingDialer{stalled: make(chan struct{})}
+	p := newPool(t, up, pool.Config{Dial: d.dial, PingAfterIdle: time.Nanosecond, CommandTimeout: time.Minute})
+	acquire(t, p).Release()
+	close(d.stalled) // the upstream stops answering
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := p.Acquire(ctx); err == nil {
+		t.Fatal("Acquire succeeded with a stalled upstream")
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("Acquire took %v with a 100ms context", took)
+	}
+}
+
+// TestMinIdleConnsAreKeptWarm: MinIdleConns sessions are set up without
+// waiting for work, and replaced when they close.
+func TestMinIdleConnsAreKeptWarm(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MinIdleConns: 2, MaxConns: 3, HealthCheckPeriod: 10 * time.Millisecond})
+	memsmtp.WaitFor(t, "two warm sessions", func() bool { return p.Stat().IdleConns == 2 })
+	if n := up.Stats().Conns; n != 2 {
+		t.Errorf("upstream saw %d connections for 2 warm sessions", n)
+	}
+	c := acquire(t, p)
+	defer c.Release()
+	if n := up.Stats().Conns; n != 2 {
+		t.Errorf("Acquire dialled although a warm session was idle (%d connections)", n)
+	}
+	memsmtp.WaitFor(t, "the pool to refill to two idle sessions", func() bool { return p.Stat().IdleConns == 2 })
 }

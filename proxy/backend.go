@@ -158,9 +158,9 @@ func setDefault[T comparable](v *T, def T) {
 	}
 }
 
-// Backend turns client sessions into work for a pool. It implements
+// backend turns client sessions into work for a pool. It implements
 // smtp.Backend.
-type Backend struct {
+type backend struct {
 	pool    *pool.Pool
 	cfg     Config
 	log     *slog.Logger
@@ -170,11 +170,11 @@ type Backend struct {
 	reservedBytes, reservedPeak atomic.Int64 // of the buffer budget, now and at most
 }
 
-// NewBackend returns a backend that relays through p. When ctx ends,
+// newBackend returns a backend that relays through p. When ctx ends,
 // transactions stop waiting for sessions or retries and get 421 4.3.2.
-func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
+func newBackend(ctx context.Context, p *pool.Pool, cfg Config) *backend {
 	cfg = cfg.withDefaults(p.Stat().MaxConns)
-	return &Backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx,
+	return &backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx,
 		buffers: semaphore.NewWeighted(max(cfg.MaxBufferBytes, cfg.MaxMessageBytes))}
 }
 
@@ -183,7 +183,7 @@ func NewBackend(ctx context.Context, p *pool.Pool, cfg Config) *Backend {
 // PIPELINING, and what go-smtp always does: ENHANCEDSTATUSCODES, CHUNKING
 // (BDAT, whose message reaches Data like DATA's) and LIMITS.
 func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
-	b := NewBackend(ctx, p, cfg)
+	b := newBackend(ctx, p, cfg)
 	s := smtp.NewServer(b)
 	s.Domain = b.cfg.Hostname
 	s.MaxMessageBytes = b.cfg.MaxMessageBytes
@@ -197,6 +197,6 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 
 // NewSession implements smtp.Backend. go-smtp calls it at the client's
 // first EHLO or HELO, after the greeting was sent.
-func (b *Backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 	return &session{b: b, client: c.Conn().RemoteAddr().String(), conn: clientConnOf(c.Conn())}, nil
 }

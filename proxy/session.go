@@ -26,7 +26,7 @@ import (
 // connection's goroutine may call Reset or Logout, so the current
 // transaction is guarded by mu and each transaction by its own lock.
 type session struct {
-	b      *Backend
+	b      *backend
 	client string      // remote address, for logs
 	conn   *clientConn // the client's connection, or nil if not from a Listener
 

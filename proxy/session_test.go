@@ -3,6 +3,8 @@ package proxy_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"testing"
@@ -73,7 +75,7 @@ func TestBDATThenDisconnectStrandsNoSession(t *testing.T) {
 		c.must("BDAT 0", 250)
 		c.conn.Close()
 	}
-	waitFor(t, "every upstream session to be released", func() bool { return e.pool.Stat().AcquiredConns == 0 })
+	memsmtp.WaitFor(t, "every upstream session to be released", func() bool { return e.pool.Stat().AcquiredConns == 0 })
 	c := e.dial(t)
 	if err := send(c, "app@example.com", []string{"user@example.com"}, message("after")); err != nil {
 		t.Fatalf("send after the BDAT clients left: %v", err)
@@ -193,5 +195,139 @@ func TestTransactionTimeoutFreesAPinnedSession(t *testing.T) {
 	var got *smtp.SMTPError
 	if !errors.As(err, &got) || got.Code != 451 || got.EnhancedCode != (smtp.EnhancedCode{4, 4, 2}) {
 		t.Errorf("RCPT after the transaction timeout: %v, want 451 4.4.2", err)
+	}
+}
+
+// TestAcknowledgementIsExact: the client's 250 comes after the upstream
+// kept the message, never before.
+func TestAcknowledgementIsExact(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Data, memsmtp.Fault{Delay: 100 * time.Millisecond})
+	c := e.dial(t)
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("slow")); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.up.Stats().Messages; n != 1 {
+		t.Fatalf("client got 250 while the upstream had %d messages, want 1", n)
+	}
+}
+
+func TestRejectedRecipientIsNotDropped(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: reply(550, [3]int{5, 1, 1}, "No such user")})
+	c := e.dial(t)
+	if err := c.Mail("app@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("good@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	var got *smtp.SMTPError
+	if err := c.Rcpt("gone@example.com", nil); !errors.As(err, &got) || got.Code != 550 {
+		t.Fatalf("RCPT of a rejected recipient: %v, want 550", err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(message("partial")))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	msgs := e.up.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "good@example.com" {
+		t.Errorf("upstream got %v, want one message to good@example.com", msgs)
+	}
+}
+
+func TestManyTransactionsOverOneClientConnection(t *testing.T) {
+	e := newEnv(t, options{})
+	c := e.dial(t)
+	for i := range 3 {
+		if err := send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint(i))); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	if err := c.Quit(); err != nil {
+		t.Fatal(err)
+	}
+	st := e.up.Stats()
+	if st.Messages != 3 || st.Conns != 1 || st.Auths != 1 || st.Commands["EHLO"] != 1 {
+		t.Errorf("upstream: %d messages, %d connections, %d AUTH, %d EHLO; want 3, 1, 1, 1",
+			st.Messages, st.Conns, st.Auths, st.Commands["EHLO"])
+	}
+}
+
+// TestNestedMailIsRefused: MAIL inside a transaction gets 503 and leaves the
+// transaction as it was.
+func TestNestedMailIsRefused(t *testing.T) {
+	e := newEnv(t, options{})
+	c := e.dial(t)
+	if err := c.Mail("first@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("a@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	var got *smtp.SMTPError
+	if err := c.Mail("second@example.com", nil); !errors.As(err, &got) || got.Code != 503 {
+		t.Fatalf("nested MAIL: %v, want 503", err)
+	}
+	if err := c.Rcpt("b@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(message("nested")))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m := e.up.Messages()
+	if len(m) != 1 || m[0].From != "first@example.com" || strings.Join(m[0].To, ",") != "a@example.com,b@example.com" {
+		t.Errorf("upstream got %+v, want one message from first@ to a@ and b@", m)
+	}
+}
+
+// TestBareLineFeedsCannotSmuggleMessages: a bare LF ends no line and no
+// message on the way in; on the way out it becomes CRLF and a line that
+// starts with a dot is dot-stuffed, so "\n.\n" cannot end the message early
+// at the upstream (SMTP smuggling).
+func TestBareLineFeedsCannotSmuggleMessages(t *testing.T) {
+	e := newEnv(t, options{})
+	conn, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := smtp.NewClient(conn)
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Mail("app@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("user@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	// DATA by hand: go-smtp's client would fix the line endings itself.
+	body := "Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<evil@example.com>\nRCPT TO:<victim@example.com>\nDATA\nforged\n.\n\r\n.\r\n"
+	fmt.Fprintf(conn, "DATA\r\n")
+	buf := make([]byte, 512)
+	if n, _ := conn.Read(buf); !strings.HasPrefix(string(buf[:n]), "354") {
+		t.Fatalf("DATA reply %q", buf[:n])
+	}
+	fmt.Fprint(conn, body)
+	if n, _ := conn.Read(buf); !strings.HasPrefix(string(buf[:n]), "250") {
+		t.Fatalf("end of DATA reply %q", buf[:n])
+	}
+	msgs := e.up.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "user@example.com" {
+		t.Fatalf("upstream got %d messages %v, want exactly the one sent", len(msgs), msgs)
+	}
+	want := "Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n.\r\n\r\n"
+	if got := string(msgs[0].Data); got != want {
+		t.Errorf("upstream message %q, want %q", got, want)
 	}
 }

@@ -53,7 +53,7 @@ type transaction struct {
 	bytes        int             // size of the message read
 	upID         uint64          // the last upstream session used, for the log
 	firstFailure time.Time       // the first transient failure, which starts the retry window
-	failed       *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
+	finalReply   *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
 	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
 	lastCode     int             // the client's last reply code, for the log
 	upstreamText string          // the upstream's reply to the message, with its queue id
@@ -64,7 +64,7 @@ type recipient struct {
 	opts *smtp.RcptOptions
 }
 
-func (b *Backend) newTransaction(s *session, from string, opts *smtp.MailOptions) *transaction {
+func (b *backend) newTransaction(s *session, from string, opts *smtp.MailOptions) *transaction {
 	ctx, cancel := context.WithCancelCause(b.ctx)
 	tx := &transaction{s: s, ctx: ctx, cancel: cancel, from: from, start: time.Now(), outcome: "abandoned"}
 	if opts != nil {
@@ -84,8 +84,8 @@ func (b *Backend) newTransaction(s *session, from string, opts *smtp.MailOptions
 // since the first failure (or MaxAttempts tries). It returns nil or a bare
 // *smtp.SMTPError for the client.
 func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn) error) error {
-	if tx.failed != nil {
-		return tx.failed
+	if tx.finalReply != nil {
+		return tx.finalReply
 	}
 	if tx.ended {
 		return replyNoTransaction
@@ -224,7 +224,7 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 		// The upstream refused on replay what the client was already told
 		// had been accepted: the client must not get a permanent failure
 		// for it, and this transaction cannot succeed.
-		tx.failed = replyReplayRefused
+		tx.finalReply = replyReplayRefused
 		return verdict{reply: replyReplayRefused}
 	}
 	return v
@@ -348,8 +348,8 @@ func (tx *transaction) expire() {
 	if tx.ended {
 		return
 	}
-	if tx.failed == nil {
-		tx.failed = replyTransactionTimeout
+	if tx.finalReply == nil {
+		tx.finalReply = replyTransactionTimeout
 	}
 	tx.releaseUpstream()
 }

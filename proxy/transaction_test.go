@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -171,9 +172,9 @@ func TestClientsThatLeaveWhileWaitingDoNotUseTheUpstream(t *testing.T) {
 		c := rawDial(t, e.addr)
 		c.must("EHLO leaver.test", 250)
 		c.write("MAIL FROM:<leaver@example.com>\r\n")
-		waitFor(t, "the client to queue for a session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
+		memsmtp.WaitFor(t, "the client to queue for a session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
 		c.conn.Close()
-		waitFor(t, "the departed client to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+		memsmtp.WaitFor(t, "the departed client to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
 	}
 	if err := holder.Rcpt("user@example.com", nil); err != nil {
 		t.Fatal(err)
@@ -205,7 +206,7 @@ func TestBufferBudgetHoldsWhileRetrying(t *testing.T) {
 	)
 	e := newEnv(t, options{pool: pool.Config{MaxConns: 1},
 		proxy: proxy.Config{MaxMessageBytes: maxBytes, RetryBackoff: 20 * time.Millisecond, RetryBackoffMax: 50 * time.Millisecond}})
-	e.up.Inject(memsmtp.Data, times(memsmtp.Fault{Drop: true}, 2*clients)...)
+	e.up.Inject(memsmtp.Data, memsmtp.Repeat(memsmtp.Fault{Drop: true}, 2*clients)...)
 	errs := make(chan error, clients)
 	for i := range clients {
 		go func() {
@@ -229,5 +230,21 @@ func TestBufferBudgetHoldsWhileRetrying(t *testing.T) {
 	// Default budget: 2 × MaxMessageBytes × MaxConns.
 	if peak := proxy.ReservedPeak(e.srv); peak > 2*maxBytes || peak == 0 {
 		t.Errorf("buffers held %d bytes at most, want at most 2 × %d", peak, maxBytes)
+	}
+}
+
+// TestRetryReplaysAcceptedRecipients: a failure at the third RCPT replays
+// MAIL and the first two on a fresh session.
+func TestRetryReplaysAcceptedRecipients(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{}, memsmtp.Fault{Drop: true})
+	c := e.dial(t)
+	to := []string{"a@example.com", "b@example.com", "c@example.com"}
+	if err := send(c, "app@example.com", to, message("replay")); err != nil {
+		t.Fatal(err)
+	}
+	msgs := e.up.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != strings.Join(to, ",") {
+		t.Errorf("upstream got %v, want one message to %v", msgs, to)
 	}
 }
