@@ -95,17 +95,7 @@ func TestBackpressureWaitsForAFreeSession(t *testing.T) {
 	}()
 	memsmtp.WaitFor(t, "the second transaction to queue for a session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
 
-	if err := holder.Rcpt("first@example.com", nil); err != nil {
-		t.Fatal(err)
-	}
-	w, err := holder.Data()
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Write([]byte(message("first")))
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	finish(t, holder, "first@example.com", message("first"))
 	if err := holder.Quit(); err != nil {
 		t.Fatal(err)
 	}

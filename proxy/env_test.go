@@ -59,8 +59,15 @@ func newEnv(t testing.TB, o options) *testEnv {
 	if o.proxy.RetryBackoffMax == 0 {
 		o.proxy.RetryBackoffMax = 5 * time.Millisecond
 	}
+	srv, addr := serve(t, p, o.proxy)
+	return &testEnv{up: up, pool: p, srv: srv, addr: addr}
+}
+
+// serve runs a proxy in front of p on 127.0.0.1:0 until the test ends.
+func serve(t testing.TB, p *pool.Pool, cfg proxy.Config) (*smtp.Server, string) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := proxy.NewServer(ctx, p, o.proxy)
+	srv := proxy.NewServer(ctx, p, cfg)
 	ln, err := proxy.Listen(ctx, "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -71,7 +78,23 @@ func newEnv(t testing.TB, o options) *testEnv {
 		cancel()
 		p.Close()
 	})
-	return &testEnv{up: up, pool: p, srv: srv, addr: ln.Addr().String()}
+	return srv, ln.Addr().String()
+}
+
+// finish completes the transaction open on c with a recipient and msg.
+func finish(t *testing.T, c *smtp.Client, rcpt, msg string) {
+	t.Helper()
+	if err := c.Rcpt(rcpt, nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(msg))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // dial connects a client to the proxy and says EHLO.

@@ -273,17 +273,7 @@ func TestNestedMailIsRefused(t *testing.T) {
 	if err := c.Mail("second@example.com", nil); !errors.As(err, &got) || got.Code != 503 {
 		t.Fatalf("nested MAIL: %v, want 503", err)
 	}
-	if err := c.Rcpt("b@example.com", nil); err != nil {
-		t.Fatal(err)
-	}
-	w, err := c.Data()
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Write([]byte(message("nested")))
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	finish(t, c, "b@example.com", message("nested"))
 	m := e.up.Messages()
 	if len(m) != 1 || m[0].From != "first@example.com" || strings.Join(m[0].To, ",") != "a@example.com,b@example.com" {
 		t.Errorf("upstream got %+v, want one message from first@ to a@ and b@", m)

@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -52,19 +51,8 @@ func newOutageEnv(t *testing.T, pc pool.Config, xc proxy.Config) (*outage, strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	srv := proxy.NewServer(ctx, p, xc)
-	ln, err := proxy.Listen(ctx, "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	t.Cleanup(func() {
-		srv.Close()
-		cancel()
-		p.Close()
-	})
-	return o, ln.Addr().String()
+	_, addr := serve(t, p, xc)
+	return o, addr
 }
 
 // TestRetryWindowRidesOutAnOutage: an upstream that is down for a second
@@ -176,17 +164,7 @@ func TestClientsThatLeaveWhileWaitingDoNotUseTheUpstream(t *testing.T) {
 		c.conn.Close()
 		memsmtp.WaitFor(t, "the departed client to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
 	}
-	if err := holder.Rcpt("user@example.com", nil); err != nil {
-		t.Fatal(err)
-	}
-	w, err := holder.Data()
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Write([]byte(message("held")))
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	finish(t, holder, "user@example.com", message("held"))
 	c := e.dial(t)
 	if err := send(c, "app@example.com", []string{"user@example.com"}, message("live")); err != nil {
 		t.Fatal(err)
