@@ -85,6 +85,9 @@ type Options struct {
 	// AuthMechanisms are those offered when Username is set; default PLAIN
 	// and LOGIN.
 	AuthMechanisms []string
+	// XOAUTH2, if set, is the server side of XOAUTH2, offered when
+	// AuthMechanisms lists it.
+	XOAUTH2 *XOAUTH2
 	// MaxMessageBytes is advertised with SIZE and enforced; default 0, none.
 	MaxMessageBytes int64
 	// Hide removes these extensions (such as "8BITMIME" or "SMTPUTF8") from
@@ -142,6 +145,9 @@ func Start(opts Options) (*Server, error) {
 	s.srv = smtp.NewServer(smtp.BackendFunc(s.newSession))
 	s.srv.Domain = "memsmtp.test"
 	s.srv.MaxMessageBytes = opts.MaxMessageBytes
+	if opts.XOAUTH2 != nil {
+		s.srv.MaxLineLength = xoauth2MaxLine
+	}
 	s.srv.AllowInsecureAuth = true
 	s.srv.EnableSMTPUTF8 = true
 	s.srv.Debug = commandCounter{s}
@@ -398,6 +404,8 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		return sasl.NewPlainServer(func(_, username, password string) error { return check(username, password) }), nil
 	case sasl.Login:
 		return &loginServer{check: check}, nil
+	case "XOAUTH2":
+		return ss.xoauth2Server()
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
 }
