@@ -35,6 +35,14 @@ type config struct {
 	UpstreamPassword     string       `env:"SMTPPOOL_UPSTREAM_PASSWORD" help:"upstream AUTH password"`
 	UpstreamPasswordFile string       `env:"SMTPPOOL_UPSTREAM_PASSWORD_FILE" help:"file holding the upstream AUTH password (one trailing newline is ignored)"`
 	AllowInsecureAuth    bool         `env:"SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH" help:"allow sending credentials over an unencrypted upstream connection"`
+	UpstreamAuth         string       `env:"SMTPPOOL_UPSTREAM_AUTH" help:"auto (PLAIN, else LOGIN, when a password is set), plain, login or xoauth2 (OAuth2 for Microsoft 365 or Google)"`
+
+	OAuth2TokenURL         string   `env:"SMTPPOOL_OAUTH2_TOKEN_URL" help:"xoauth2: the token endpoint of the client-credentials grant, for Microsoft https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token"`
+	OAuth2ClientID         string   `env:"SMTPPOOL_OAUTH2_CLIENT_ID" help:"xoauth2: the application (client) ID"`
+	OAuth2ClientSecret     string   `env:"SMTPPOOL_OAUTH2_CLIENT_SECRET" help:"xoauth2: the client secret's value"`
+	OAuth2ClientSecretFile string   `env:"SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE" help:"xoauth2: file holding the client secret (one trailing newline is ignored)"`
+	OAuth2Scopes           []string `env:"SMTPPOOL_OAUTH2_SCOPES" envSeparator:"," help:"xoauth2: comma-separated scopes, for Microsoft https://outlook.office365.com/.default, for Google https://mail.google.com/"`
+	OAuth2TokenFile        string   `env:"SMTPPOOL_OAUTH2_TOKEN_FILE" help:"xoauth2: instead of the grant, a file holding a token that an external agent keeps fresh; read again when it changes"`
 
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
 	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst; they count against SMTPPOOL_MAX_CONNS"`
@@ -69,6 +77,7 @@ func defaultConfig() config {
 		ListenAddr:         "127.0.0.1:2525",
 		AdminAddr:          "127.0.0.1:9025",
 		UpstreamTLS:        pd.TLS,
+		UpstreamAuth:       "auto",
 		MaxConns:           pd.MaxConns,
 		MinIdleConns:       pd.MinIdleConns,
 		AcquireTimeout:     xd.AcquireTimeout,
@@ -100,20 +109,40 @@ func loadConfig(environ []string, demo bool) (config, error) {
 	if err := env.ParseWithOptions(&cfg, env.Options{Environment: vars}); err != nil {
 		return cfg, explainEnvError(err)
 	}
+	scopes := cfg.OAuth2Scopes[:0]
+	for _, sc := range cfg.OAuth2Scopes {
+		if sc = strings.TrimSpace(sc); sc != "" {
+			scopes = append(scopes, sc)
+		}
+	}
+	cfg.OAuth2Scopes = scopes
 	if v, ok := vars["SMTPPOOL_ADMIN_ADDR"]; ok && v == "" {
 		cfg.AdminAddr = "" // set and empty: disabled
 	}
-	if cfg.UpstreamPasswordFile != "" {
-		if cfg.UpstreamPassword != "" {
-			return cfg, errors.New("SMTPPOOL_UPSTREAM_PASSWORD and SMTPPOOL_UPSTREAM_PASSWORD_FILE are both set; set one")
-		}
-		b, err := os.ReadFile(cfg.UpstreamPasswordFile)
-		if err != nil {
-			return cfg, fmt.Errorf("SMTPPOOL_UPSTREAM_PASSWORD_FILE: %w", err)
-		}
-		cfg.UpstreamPassword = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	if err := readSecret(&cfg.UpstreamPassword, cfg.UpstreamPasswordFile, "SMTPPOOL_UPSTREAM_PASSWORD"); err != nil {
+		return cfg, err
+	}
+	if err := readSecret(&cfg.OAuth2ClientSecret, cfg.OAuth2ClientSecretFile, "SMTPPOOL_OAUTH2_CLIENT_SECRET"); err != nil {
+		return cfg, err
 	}
 	return cfg, cfg.check(demo)
+}
+
+// readSecret sets *secret from file, if a file is named; name is the
+// variable of the secret, name+"_FILE" that of the file.
+func readSecret(secret *string, file, name string) error {
+	if file == "" {
+		return nil
+	}
+	if *secret != "" {
+		return fmt.Errorf("%s and %s_FILE are both set; set one", name, name)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("%s_FILE: %w", name, err)
+	}
+	*secret = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	return nil
 }
 
 // check validates values that parsed but make no sense together or alone.
@@ -135,14 +164,7 @@ func (c *config) check(demo bool) error {
 		}
 	}
 	if !demo {
-		switch {
-		case c.UpstreamUsername != "" && c.UpstreamPassword == "":
-			add("SMTPPOOL_UPSTREAM_PASSWORD", "required when SMTPPOOL_UPSTREAM_USERNAME is set (or use SMTPPOOL_UPSTREAM_PASSWORD_FILE)")
-		case c.UpstreamUsername == "" && c.UpstreamPassword != "":
-			add("SMTPPOOL_UPSTREAM_USERNAME", "required when a password is set")
-		case c.UpstreamUsername != "" && c.UpstreamTLS == pool.TLSNone && !c.AllowInsecureAuth:
-			add("SMTPPOOL_UPSTREAM_TLS", "is none, so credentials would cross the network in clear text; use TLS or set SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH=true")
-		}
+		c.checkAuth(add)
 	}
 	for _, b := range c.bounds() {
 		switch {
@@ -178,6 +200,48 @@ func (c *config) check(demo bool) error {
 		}
 	}
 	return joinErrors(errs)
+}
+
+// checkAuth validates the upstream credentials for the chosen mechanism.
+func (c *config) checkAuth(add func(name, format string, args ...any)) {
+	oauth2Set := c.OAuth2TokenURL != "" || c.OAuth2ClientID != "" || c.OAuth2ClientSecret != "" ||
+		len(c.OAuth2Scopes) > 0 || c.OAuth2TokenFile != ""
+	switch c.UpstreamAuth {
+	case "auto", "plain", "login":
+		switch {
+		case oauth2Set:
+			add("SMTPPOOL_UPSTREAM_AUTH", "is %s, but SMTPPOOL_OAUTH2_ variables are set; set SMTPPOOL_UPSTREAM_AUTH=xoauth2 to use them", c.UpstreamAuth)
+		case c.UpstreamUsername != "" && c.UpstreamPassword == "":
+			add("SMTPPOOL_UPSTREAM_PASSWORD", "required when SMTPPOOL_UPSTREAM_USERNAME is set (or use SMTPPOOL_UPSTREAM_PASSWORD_FILE)")
+		case c.UpstreamUsername == "" && c.UpstreamPassword != "":
+			add("SMTPPOOL_UPSTREAM_USERNAME", "required when a password is set")
+		case c.UpstreamUsername == "" && c.UpstreamAuth != "auto":
+			add("SMTPPOOL_UPSTREAM_USERNAME", "required with SMTPPOOL_UPSTREAM_AUTH=%s", c.UpstreamAuth)
+		}
+	case "xoauth2":
+		switch {
+		case c.UpstreamUsername == "":
+			add("SMTPPOOL_UPSTREAM_USERNAME", "required with SMTPPOOL_UPSTREAM_AUTH=xoauth2: the mailbox to send as")
+		case c.UpstreamPassword != "":
+			add("SMTPPOOL_UPSTREAM_PASSWORD", "is set, but SMTPPOOL_UPSTREAM_AUTH=xoauth2 uses a token, not a password")
+		case c.OAuth2TokenFile != "" && (c.OAuth2TokenURL != "" || c.OAuth2ClientID != "" || c.OAuth2ClientSecret != ""):
+			add("SMTPPOOL_OAUTH2_TOKEN_FILE", "is set with SMTPPOOL_OAUTH2_TOKEN_URL, _CLIENT_ID or _CLIENT_SECRET; set either the file or the grant")
+		case c.OAuth2TokenFile != "":
+		case c.OAuth2TokenURL == "":
+			add("SMTPPOOL_OAUTH2_TOKEN_URL", "required with SMTPPOOL_UPSTREAM_AUTH=xoauth2 (or set SMTPPOOL_OAUTH2_TOKEN_FILE), for Microsoft https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token")
+		case c.OAuth2ClientID == "":
+			add("SMTPPOOL_OAUTH2_CLIENT_ID", "required with SMTPPOOL_OAUTH2_TOKEN_URL")
+		case c.OAuth2ClientSecret == "":
+			add("SMTPPOOL_OAUTH2_CLIENT_SECRET", "required with SMTPPOOL_OAUTH2_TOKEN_URL (or use SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE)")
+		case len(c.OAuth2Scopes) == 0:
+			add("SMTPPOOL_OAUTH2_SCOPES", "required with SMTPPOOL_OAUTH2_TOKEN_URL, for Microsoft https://outlook.office365.com/.default")
+		}
+	default:
+		add("SMTPPOOL_UPSTREAM_AUTH", "%q is not auto, plain, login or xoauth2", c.UpstreamAuth)
+	}
+	if c.UpstreamUsername != "" && c.UpstreamTLS == pool.TLSNone && !c.AllowInsecureAuth {
+		add("SMTPPOOL_UPSTREAM_TLS", "is none, so credentials would cross the network in clear text; use TLS or set SMTPPOOL_UPSTREAM_ALLOW_INSECURE_AUTH=true")
+	}
 }
 
 // bound is the sensible range of one numeric variable.
@@ -300,9 +364,11 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 		DataTimeout:        c.DataTimeout,
 		Logger:             logger,
 	}
-	if c.UpstreamUsername != "" {
-		pc.Auth = pool.PasswordAuth{Username: c.UpstreamUsername, Password: c.UpstreamPassword}
+	auth, err := c.authenticator(logger)
+	if err != nil {
+		return pc, err
 	}
+	pc.Auth = auth
 	if c.UpstreamCAFile != "" {
 		roots, err := c.rootCAs()
 		if err != nil {
@@ -311,6 +377,34 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 		pc.TLSConfig = &tls.Config{RootCAs: roots}
 	}
 	return pc, nil
+}
+
+// authenticator returns the upstream AUTH the configuration asks for, or
+// nil for none.
+func (c *config) authenticator(logger *slog.Logger) (pool.Authenticator, error) {
+	switch {
+	case c.UpstreamUsername == "":
+		return nil, nil
+	case c.UpstreamAuth != "xoauth2":
+		mech := strings.ToUpper(c.UpstreamAuth)
+		if mech == "AUTO" {
+			mech = ""
+		}
+		return pool.PasswordAuth{Username: c.UpstreamUsername, Password: c.UpstreamPassword, Mechanism: mech}, nil
+	case c.OAuth2TokenFile != "":
+		src, err := pool.NewFileTokenSource(c.OAuth2TokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("SMTPPOOL_OAUTH2_TOKEN_FILE: %w", err)
+		}
+		return pool.OAuth2Auth{Username: c.UpstreamUsername, Tokens: src}, nil
+	}
+	src, err := pool.NewClientCredentialsTokenSource(pool.ClientCredentials{
+		TokenURL: c.OAuth2TokenURL, ClientID: c.OAuth2ClientID, ClientSecret: c.OAuth2ClientSecret,
+		Scopes: c.OAuth2Scopes, Logger: logger})
+	if err != nil {
+		return nil, fmt.Errorf("SMTPPOOL_OAUTH2_TOKEN_URL: %w", err)
+	}
+	return pool.OAuth2Auth{Username: c.UpstreamUsername, Tokens: src}, nil
 }
 
 func (c *config) proxyConfig(logger *slog.Logger) proxy.Config {
@@ -338,7 +432,7 @@ func (c config) LogValue() slog.Value {
 		slog.String("admin", c.AdminAddr),
 		slog.String("upstream", c.UpstreamAddr),
 		slog.String("upstream_tls", c.UpstreamTLS.String()),
-		slog.Bool("upstream_auth", c.UpstreamUsername != ""),
+		slog.String("upstream_auth", c.authDescription()),
 		slog.Int("max_conns", int(c.MaxConns)),
 		slog.String("acquire_timeout", c.AcquireTimeout.String()),
 		slog.String("retry_timeout", c.RetryTimeout.String()),
@@ -348,6 +442,19 @@ func (c config) LogValue() slog.Value {
 		slog.Int64("max_message_bytes", c.MaxMessageBytes),
 		slog.String("shutdown_timeout", c.ShutdownTimeout.String()),
 	)
+}
+
+// authDescription says how smtppool authenticates upstream, for the log.
+func (c config) authDescription() string {
+	switch {
+	case c.UpstreamUsername == "":
+		return "none"
+	case c.UpstreamAuth == "xoauth2" && c.OAuth2TokenFile != "":
+		return "xoauth2 (token file)"
+	case c.UpstreamAuth == "xoauth2":
+		return "xoauth2 (client credentials)"
+	}
+	return c.UpstreamAuth
 }
 
 // explainEnvError rewrites env's errors, which name struct fields, to name
@@ -412,6 +519,11 @@ func formatDefault(v reflect.Value) string {
 			return "unset"
 		}
 		return x
+	case []string:
+		if len(x) == 0 {
+			return "unset"
+		}
+		return strings.Join(x, ",")
 	}
 	return fmt.Sprint(v.Interface())
 }

@@ -123,6 +123,21 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"buffer smaller than a message", append(base, "SMTPPOOL_MAX_BUFFER_BYTES=1024"), "SMTPPOOL_MAX_BUFFER_BYTES"},
 		{"hostname not a domain", append(base, "SMTPPOOL_HOSTNAME=my host"), "SMTPPOOL_HOSTNAME"},
 		{"hostname with a bad label", append(base, "SMTPPOOL_HOSTNAME=-relay.example"), "SMTPPOOL_HOSTNAME"},
+		{"unknown auth", append(base, "SMTPPOOL_UPSTREAM_AUTH=cram-md5"), "SMTPPOOL_UPSTREAM_AUTH"},
+		{"xoauth2 without mailbox", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_OAUTH2_TOKEN_FILE=/tmp/t"), "SMTPPOOL_UPSTREAM_USERNAME"},
+		{"xoauth2 without token URL", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example"), "SMTPPOOL_OAUTH2_TOKEN_URL"},
+		{"xoauth2 without client ID", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example",
+			"SMTPPOOL_OAUTH2_TOKEN_URL=https://login.example/t"), "SMTPPOOL_OAUTH2_CLIENT_ID"},
+		{"xoauth2 without secret", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example",
+			"SMTPPOOL_OAUTH2_TOKEN_URL=https://login.example/t", "SMTPPOOL_OAUTH2_CLIENT_ID=id"), "SMTPPOOL_OAUTH2_CLIENT_SECRET"},
+		{"xoauth2 without scopes", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example",
+			"SMTPPOOL_OAUTH2_TOKEN_URL=https://login.example/t", "SMTPPOOL_OAUTH2_CLIENT_ID=id", "SMTPPOOL_OAUTH2_CLIENT_SECRET=pw-s3cret"), "SMTPPOOL_OAUTH2_SCOPES"},
+		{"xoauth2 with a password", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example",
+			"SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret"), "SMTPPOOL_UPSTREAM_PASSWORD"},
+		{"token file and grant", append(base, "SMTPPOOL_UPSTREAM_AUTH=xoauth2", "SMTPPOOL_UPSTREAM_USERNAME=a@corp.example",
+			"SMTPPOOL_OAUTH2_TOKEN_FILE=/tmp/t", "SMTPPOOL_OAUTH2_TOKEN_URL=https://login.example/t"), "SMTPPOOL_OAUTH2_TOKEN_FILE"},
+		{"OAuth2 settings without xoauth2", append(base, "SMTPPOOL_OAUTH2_TOKEN_FILE=/tmp/t"), "SMTPPOOL_UPSTREAM_AUTH"},
+		{"client secret twice", append(base, "SMTPPOOL_OAUTH2_CLIENT_SECRET=pw-s3cret", "SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE=/etc/hostname"), "SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -24,6 +24,8 @@ type Authenticator interface {
 type PasswordAuth struct {
 	Username string
 	Password string
+	// Mechanism, if set, is the only one used: "PLAIN" or "LOGIN".
+	Mechanism string
 }
 
 // SASLClient implements Authenticator.
@@ -32,6 +34,12 @@ func (a PasswordAuth) SASLClient(_ context.Context, mechanisms []string) (sasl.C
 		return slices.ContainsFunc(mechanisms, func(m string) bool { return strings.EqualFold(m, name) })
 	}
 	switch {
+	case a.Mechanism != "" && !strings.EqualFold(a.Mechanism, sasl.Plain) && !strings.EqualFold(a.Mechanism, sasl.Login):
+		return nil, fmt.Errorf("%w: unknown mechanism %q", ErrAuthUnavailable, a.Mechanism)
+	case a.Mechanism != "" && !offered(a.Mechanism):
+		return nil, fmt.Errorf("%w: upstream offers %q, not %s", ErrAuthUnavailable, mechanisms, strings.ToUpper(a.Mechanism))
+	case strings.EqualFold(a.Mechanism, sasl.Login):
+		return sasl.NewLoginClient(a.Username, a.Password), nil
 	case offered(sasl.Plain):
 		return sasl.NewPlainClient("", a.Username, a.Password), nil
 	case offered(sasl.Login):

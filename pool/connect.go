@@ -24,6 +24,12 @@ func (p *Pool) setUp(ctx context.Context) (*session, error) {
 	defer cancel()
 	start := time.Now()
 	s, err := p.handshake(ctx)
+	if errors.Is(err, ErrTokenNotAccepted) {
+		// The refused token was dropped: one more session, with a fresh
+		// token, before this counts as a failure.
+		p.log.Info("upstream refused the OAuth2 token; trying once more with a fresh token", "err", err)
+		s, err = p.handshake(ctx)
+	}
 	if err != nil {
 		p.stats.connectFailures.Add(1)
 		var smtpErr *smtp.SMTPError
@@ -154,7 +160,7 @@ func (p *Pool) authenticate(ctx context.Context, s *session) error {
 	stop := context.AfterFunc(ctx, func() { s.client.Close() })
 	defer stop()
 	if err := s.client.Auth(sc); err != nil {
-		return fmt.Errorf("auth: %w", err)
+		return fmt.Errorf("auth: %w", authRefused(p.cfg.Auth, sc, err))
 	}
 	p.stats.auths.Add(1)
 	return nil

@@ -29,3 +29,23 @@ var ErrInvalidArgument = errors.New("argument contains CR, LF or NUL")
 // ErrUpstreamDown means a recent attempt to set up a session failed and the
 // next probe of the upstream is not due yet; it wraps that attempt's error.
 var ErrUpstreamDown = errors.New("upstream down, waiting to probe it again")
+
+// Errors for an upstream that refuses an authentication that is well formed.
+var (
+	// ErrTokenNotAccepted means the upstream refused the OAuth2 token
+	// (535 5.7.3 from Exchange Online; a 401 challenge from Google): it has
+	// expired or been revoked, or the application lacks the permissions to
+	// send as the mailbox. The token is dropped from its source, so a new
+	// session may succeed with a fresh one.
+	ErrTokenNotAccepted = errors.New("upstream did not accept the OAuth2 token")
+	// ErrAuthDisabled means the upstream has SMTP AUTH turned off for the
+	// mailbox or the tenant (535 5.7.139 from Exchange Online). Retrying does
+	// not help; the operator has to act.
+	ErrAuthDisabled = errors.New("SMTP AUTH is disabled for the upstream mailbox or tenant")
+)
+
+// ErrTokenRefused means the OAuth2 token endpoint refused to issue a token
+// to the configured client: a wrong client ID or secret, an expired secret,
+// a missing admin consent, an unknown tenant or scope. Retrying does not
+// help; the operator has to act.
+var ErrTokenRefused = errors.New("OAuth2 token endpoint refused the client")

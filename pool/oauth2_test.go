@@ -208,15 +208,15 @@ func TestOAuth2MailFlowsAcrossTokenLifetimes(t *testing.T) {
 		t.Fatal(err)
 	}
 	st, ps := u.up.Stats(), p.Stat()
-	if st.Messages != int64(sent) || st.Auths != ps.SessionsOpened || st.Commands["AUTH"] != st.Auths {
+	if st.Messages != int64(sent) || st.Auths != ps.ConnsOpened || st.Commands["AUTH"] != st.Auths {
 		t.Errorf("upstream saw %d of %d messages, %d AUTH commands, %d accepted, for %d sessions", st.Messages, sent,
-			st.Commands["AUTH"], st.Auths, ps.SessionsOpened)
+			st.Commands["AUTH"], st.Auths, ps.ConnsOpened)
 	}
 	requests := u.issuer.Requests()
-	t.Logf("%d messages, %d sessions, %d token requests over %v", sent, ps.SessionsOpened, requests, run)
-	if requests < 2 || requests > 6 || ps.SessionsOpened < 3*int64(requests) {
+	t.Logf("%d messages, %d sessions, %d token requests over %v", sent, ps.ConnsOpened, requests, run)
+	if requests < 2 || requests > 6 || ps.ConnsOpened < 3*int64(requests) {
 		t.Errorf("%d token requests for %d sessions over %v of 1-second tokens; want 2 to 6, each serving several sessions",
-			requests, ps.SessionsOpened, run)
+			requests, ps.ConnsOpened, run)
 	}
 }
 
@@ -263,8 +263,10 @@ func TestOAuth2WrongSecret(t *testing.T) {
 	if st := u.up.Stats(); st.Commands["AUTH"] != 0 {
 		t.Errorf("upstream saw %d AUTH commands without a token, want 0", st.Commands["AUTH"])
 	}
-	if st := p.Stat(); st.ConnectFailures != 21 || st.TotalSessions != 0 {
-		t.Errorf("Stat = %+v, want 21 connect failures and no session", st)
+	// The prober lets the first failure stand until its next probe: the
+	// burst fails at once with it, without a set-up of its own.
+	if st := p.Stat(); st.ConnectFailures < 1 || st.ConnectFailures > 2 || st.TotalConns != 0 || st.UpstreamUp {
+		t.Errorf("Stat = %+v, want one or two set-up failures, no session, upstream down", st)
 	}
 }
 

@@ -18,12 +18,6 @@ import (
 	"golang.org/x/oauth2/clientcredentials"
 )
 
-// ErrTokenRefused means the OAuth2 token endpoint refused to issue a token
-// to the configured client: a wrong client ID or secret, an expired secret,
-// a missing admin consent, an unknown tenant or scope. Retrying does not
-// help; the operator has to act.
-var ErrTokenRefused = errors.New("OAuth2 token endpoint refused the client")
-
 // TokenSource supplies the OAuth2 access tokens that XOAUTH2 presents to the
 // upstream. Implementations are safe for concurrent use.
 type TokenSource interface {

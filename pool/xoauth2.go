@@ -17,20 +17,6 @@ import (
 // tokens.
 const xoauth2 = "XOAUTH2"
 
-// Errors for an upstream that refuses an authentication that is well formed.
-var (
-	// ErrTokenNotAccepted means the upstream refused the OAuth2 token
-	// (535 5.7.3 from Exchange Online; a 401 challenge from Google): it has
-	// expired or been revoked, or the application lacks the permissions to
-	// send as the mailbox. The token is dropped from its source, so a new
-	// session may succeed with a fresh one.
-	ErrTokenNotAccepted = errors.New("upstream did not accept the OAuth2 token")
-	// ErrAuthDisabled means the upstream has SMTP AUTH turned off for the
-	// mailbox or the tenant (535 5.7.139 from Exchange Online). Retrying does
-	// not help; the operator has to act.
-	ErrAuthDisabled = errors.New("SMTP AUTH is disabled for the upstream mailbox or tenant")
-)
-
 // AuthRefusalHandler is implemented by an Authenticator that makes sense of
 // the upstream's refusal of its exchange, and acts on it (by dropping a
 // token, say).

@@ -85,7 +85,8 @@ type verdict struct {
 //   - Connection failures are retried and end as 451 4.4.0.
 //   - Set-up failures that retrying cannot mend (a 5xx to EHLO or AUTH, such
 //     as a wrong password; no STARTTLS when required; no usable AUTH; an
-//     untrusted certificate) end at once as 451 4.3.5: they are the
+//     untrusted certificate, an OAuth2 token endpoint that refuses the
+//     client) end at once as 451 4.3.5: they are the
 //     operator's to fix, and the message must not bounce for them.
 //   - An argument the upstream cannot be sent (CR, LF, NUL) is 501 5.5.4.
 func classify(cmd command, err error) verdict {
@@ -107,7 +108,7 @@ func classify(cmd command, err error) verdict {
 		return verdict{reply: replyMisconfigured}
 	case errors.As(err, &smtpErr):
 		return classifyReply(cmd, smtpErr)
-	case errors.Is(err, pool.ErrTLSUnavailable), errors.Is(err, pool.ErrAuthUnavailable),
+	case errors.Is(err, pool.ErrTLSUnavailable), errors.Is(err, pool.ErrAuthUnavailable), errors.Is(err, pool.ErrTokenRefused),
 		errors.As(err, &certErr), errors.As(err, &recordErr):
 		return verdict{reply: replyMisconfigured}
 	}
