@@ -28,7 +28,7 @@ type config struct {
 	Hostname           string `env:"SMTPPOOL_HOSTNAME" default:"the host name" help:"name in the greeting and in EHLO to the upstream"`
 	AdminAddr          string `env:"SMTPPOOL_ADMIN_ADDR" help:"where the HTTP endpoints /healthz, /readyz and /metrics listen; empty disables them"`
 
-	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" default:"required" help:"upstream host:port (required, except in demo mode)"`
+	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" default:"required" help:"upstream host:port, or several, comma-separated, tried in order (failover); required, except in demo mode"`
 	UpstreamTLS          pool.TLSMode `env:"SMTPPOOL_UPSTREAM_TLS" help:"none, opportunistic (STARTTLS when offered), starttls (required) or tls (implicit TLS, port 465)"`
 	UpstreamCAFile       string       `env:"SMTPPOOL_UPSTREAM_CA_FILE" help:"PEM file of CA certificates trusted for the upstream instead of the system roots"`
 	UpstreamUsername     string       `env:"SMTPPOOL_UPSTREAM_USERNAME" help:"upstream AUTH user name (AUTH PLAIN, or LOGIN)"`
@@ -45,6 +45,8 @@ type config struct {
 	OAuth2TokenFile        string   `env:"SMTPPOOL_OAUTH2_TOKEN_FILE" help:"xoauth2: instead of the grant, a file holding a token that an external agent keeps fresh; read again when it changes"`
 
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
+	RateLimit          float64       `env:"SMTPPOOL_RATE_LIMIT" help:"most messages per minute sent upstream (Exchange Online allows 30 per mailbox); 0 means no limit"`
+	RateBurst          int           `env:"SMTPPOOL_RATE_BURST" help:"messages that may go at once under SMTPPOOL_RATE_LIMIT"`
 	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst; they count against SMTPPOOL_MAX_CONNS"`
 	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
 	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
@@ -80,6 +82,8 @@ func defaultConfig() config {
 		UpstreamAuth:       "auto",
 		MaxConns:           pd.MaxConns,
 		MinIdleConns:       pd.MinIdleConns,
+		RateLimit:          pd.RateLimit,
+		RateBurst:          pd.RateBurst,
 		AcquireTimeout:     xd.AcquireTimeout,
 		RetryTimeout:       xd.RetryTimeout,
 		MaxAttempts:        xd.MaxAttempts,
@@ -159,8 +163,10 @@ func (c *config) check(demo bool) error {
 	case c.UpstreamAddr == "":
 		add("SMTPPOOL_UPSTREAM_ADDR", "required: the upstream relay's host:port, such as smtp.example.com:587 (or run \"smtppool demo\")")
 	default:
-		if _, _, err := net.SplitHostPort(c.UpstreamAddr); err != nil {
-			add("SMTPPOOL_UPSTREAM_ADDR", "%q is not host:port: %v", c.UpstreamAddr, err)
+		for _, a := range strings.Split(c.UpstreamAddr, ",") {
+			if _, _, err := net.SplitHostPort(strings.TrimSpace(a)); err != nil {
+				add("SMTPPOOL_UPSTREAM_ADDR", "%q is not host:port: %v", strings.TrimSpace(a), err)
+			}
 		}
 	}
 	if !demo {
@@ -173,6 +179,9 @@ func (c *config) check(demo bool) error {
 		case b.value > b.max:
 			add(b.name, "%s is above the greatest sensible value, %s", b.format(b.value), b.format(b.max))
 		}
+	}
+	if c.RateLimit < 0 {
+		add("SMTPPOOL_RATE_LIMIT", "%v is negative; 0 means no limit", c.RateLimit)
 	}
 	if c.RetryBackoffMax < c.RetryBackoff {
 		add("SMTPPOOL_RETRY_BACKOFF_MAX", "%s is less than SMTPPOOL_RETRY_BACKOFF, %s", c.RetryBackoffMax, c.RetryBackoff)
@@ -269,6 +278,8 @@ func (c *config) bounds() []bound {
 		d("SMTPPOOL_ACQUIRE_TIMEOUT", c.AcquireTimeout, time.Millisecond, time.Hour),
 		d("SMTPPOOL_RETRY_TIMEOUT", c.RetryTimeout, time.Millisecond, time.Hour),
 		n("SMTPPOOL_MAX_ATTEMPTS", int64(c.MaxAttempts), 0, 1000),
+		n("SMTPPOOL_RATE_LIMIT", int64(c.RateLimit), 0, 1_000_000),
+		n("SMTPPOOL_RATE_BURST", int64(c.RateBurst), 1, 10_000),
 		d("SMTPPOOL_RETRY_BACKOFF", c.RetryBackoff, time.Millisecond, time.Hour),
 		d("SMTPPOOL_RETRY_BACKOFF_MAX", c.RetryBackoffMax, time.Millisecond, time.Hour),
 		d("SMTPPOOL_TRANSACTION_TIMEOUT", c.TransactionTimeout, time.Second, 24*time.Hour),
@@ -356,6 +367,8 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 		LocalName:          c.Hostname,
 		MaxConns:           c.MaxConns,
 		MinIdleConns:       c.MinIdleConns,
+		RateLimit:          c.RateLimit,
+		RateBurst:          c.RateBurst,
 		MaxConnLifetime:    c.MaxConnLifetime,
 		MaxConnIdleTime:    c.MaxConnIdleTime,
 		MaxMessagesPerConn: c.MaxMessagesPerConn,

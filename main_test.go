@@ -37,6 +37,7 @@ func TestConfigDefaultsAreThePackagesDefaults(t *testing.T) {
 	pc.LocalName, pd.LocalName = "", "" // smtppool's is the host name
 	// Not set from the environment: the pool applies its defaults.
 	pd.PingAfterIdle, pd.HealthCheckPeriod, pd.ProbeBackoff, pd.ProbeBackoffMax = 0, 0, 0, 0
+	pd.CapRecovery, pd.SlowDown, pd.FailoverCooldown = 0, 0, 0
 	if !reflect.DeepEqual(pc, pd) {
 		t.Errorf("pool config from the environment's defaults:\n got %+v\nwant %+v", pc, pd)
 	}

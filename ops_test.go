@@ -75,7 +75,7 @@ func TestStartsAndStaysReadyWithAnUnreachableUpstream(t *testing.T) {
 	for _, want := range []string{
 		`smtppool_upstream_up{upstream="` + upstream + `"} 0`,
 		`smtppool_upstream_max_connections{upstream="` + upstream + `"} 5`,
-		`smtppool_transactions_total{result="failed"} 1`,
+		`smtppool_transactions_total{result="failed",upstream="none"} 1`,
 		`smtppool_retries_total{reason="connect",upstream="` + upstream + `"}`,
 		`smtppool_upstream_connect_failures_total{upstream="` + upstream + `"}`,
 		`smtppool_build_info{goversion="go`,

@@ -6,6 +6,7 @@ package metrics
 
 import (
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -46,8 +47,8 @@ func NewProxy(reg prometheus.Registerer, upstream string) *Proxy {
 		}, []string{"reason"}),
 		transactions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "transactions_total",
-			Help: "Client transactions by result: delivered, rejected (a 5xx passed on), failed (a 4xx the client got), abandoned.",
-		}, []string{"result"}),
+			Help: "Client transactions by result (delivered, rejected: a 5xx passed on, failed: a 4xx the client got, abandoned) and by the upstream entry that served them last (none if no session was had).",
+		}, []string{"result", "upstream"}),
 		relayDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "relay_duration_seconds",
 			Help:    "Time from a transaction's MAIL to its end, waits and retries included.",
@@ -65,7 +66,9 @@ func NewProxy(reg prometheus.Registerer, upstream string) *Proxy {
 	}
 	reg.MustRegister(m.acquireWait, m.acquireTimeouts, m.retries, m.transactions, m.relayDuration, m.messageSize, m.replies)
 	for _, r := range []string{"delivered", "rejected", "failed", "abandoned"} {
-		m.transactions.WithLabelValues(r) // present from the start, at 0
+		for _, u := range strings.Split(upstream, ",") {
+			m.transactions.WithLabelValues(r, strings.TrimSpace(u)) // present from the start, at 0
+		}
 	}
 	return m
 }
@@ -80,8 +83,11 @@ func (m *Proxy) AcquireTimedOut() { m.acquireTimeouts.Inc() }
 func (m *Proxy) Retried(reason string) { m.retries.WithLabelValues(reason).Inc() }
 
 // TransactionEnded implements proxy.Observer.
-func (m *Proxy) TransactionEnded(result string, d time.Duration, size int) {
-	m.transactions.WithLabelValues(result).Inc()
+func (m *Proxy) TransactionEnded(result, upstream string, d time.Duration, size int) {
+	if upstream == "" {
+		upstream = "none"
+	}
+	m.transactions.WithLabelValues(result, upstream).Inc()
 	m.relayDuration.Observe(d.Seconds())
 	if size > 0 {
 		m.messageSize.Observe(float64(size))
@@ -105,7 +111,7 @@ func (m *Proxy) UpstreamReply(stage string, code int) {
 type poolCollector struct {
 	stat  func() pool.Stat
 	descs struct {
-		conns, maxConns, up, waiting, opened, closed, failures, auths, messages, acquires, waited, canceled *prometheus.Desc
+		conns, maxConns, effective, up, waiting, opened, closed, failures, auths, messages, acquires, waited, canceled *prometheus.Desc
 	}
 }
 
@@ -118,7 +124,10 @@ func RegisterPool(reg prometheus.Registerer, p *pool.Pool, upstream string) {
 	}
 	c.descs.conns = d("upstream_connections", "Upstream connections now, by state: idle, acquired (lent to a transaction), constructing (being dialled and set up).", "state")
 	c.descs.maxConns = d("upstream_max_connections", "The cap on upstream connections, SMTPPOOL_MAX_CONNS.")
-	c.descs.up = d("upstream_up", "1 when the last set-up or health check of an upstream connection succeeded; 0 before the first and after a failure.")
+	c.descs.effective = d("upstream_effective_max_connections", "The cap on upstream connections in force: lowered to the connections open when the upstream refuses one over its limit, raised by one after each quiet minute, up to SMTPPOOL_MAX_CONNS.")
+	c.descs.up = prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "upstream_up"),
+		"1 when the last set-up or health check of a connection to this upstream entry succeeded; 0 before the first and after a failure.",
+		[]string{"upstream"}, nil)
 	c.descs.waiting = d("transactions_waiting", "Transactions waiting now for an upstream connection: the backpressure queue.")
 	c.descs.opened = d("upstream_connections_opened_total", "Upstream connections set up (dialled, greeted, upgraded, authenticated).")
 	c.descs.closed = d("upstream_connections_closed_total", "Upstream connections closed, by reason.", "reason")
@@ -133,7 +142,7 @@ func RegisterPool(reg prometheus.Registerer, p *pool.Pool, upstream string) {
 
 // Describe implements prometheus.Collector.
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.descs.conns, c.descs.maxConns, c.descs.up, c.descs.waiting, c.descs.opened,
+	for _, d := range []*prometheus.Desc{c.descs.conns, c.descs.maxConns, c.descs.effective, c.descs.up, c.descs.waiting, c.descs.opened,
 		c.descs.closed, c.descs.failures, c.descs.auths, c.descs.messages, c.descs.acquires, c.descs.waited, c.descs.canceled} {
 		ch <- d
 	}
@@ -152,15 +161,19 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.descs.conns, float64(s.AcquiredConns), "acquired")
 	gauge(c.descs.conns, float64(s.ConstructingConns), "constructing")
 	gauge(c.descs.maxConns, float64(s.MaxConns))
-	up := 0.0
-	if s.UpstreamUp {
-		up = 1
+	gauge(c.descs.effective, float64(s.EffectiveMaxConns))
+	for _, u := range s.Upstreams {
+		up := 0.0
+		if u.Up {
+			up = 1
+		}
+		gauge(c.descs.up, up, u.Addr)
 	}
-	gauge(c.descs.up, up)
 	gauge(c.descs.waiting, float64(s.PendingAcquires))
 	counter(c.descs.opened, s.ConnsOpened)
 	for reason, n := range map[string]int64{"broken": s.ClosedBroken, "lifetime": s.ClosedLifetime, "idle": s.ClosedIdle,
-		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "unfinished": s.ClosedUnfinished, "shutdown": s.ClosedShutdown} {
+		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "unfinished": s.ClosedUnfinished, "shutdown": s.ClosedShutdown,
+		"cap": s.ClosedCap} {
 		counter(c.descs.closed, n, reason)
 	}
 	counter(c.descs.failures, s.ConnectFailures)

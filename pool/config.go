@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 )
 
@@ -59,14 +60,17 @@ func (m TLSMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil 
 // Config configures a Pool. Every field but Addr has a default, used when
 // the field is left at its zero value.
 type Config struct {
-	// Addr is the upstream's host:port; required.
+	// Addr is the upstream's host:port, or several, comma-separated, tried
+	// in order: an entry that cannot be reached, or refuses a session, is
+	// skipped for FailoverCooldown, and new sessions go to the first
+	// healthy entry again after it; required.
 	Addr string
 
 	// TLS says how sessions are encrypted; default TLSOpportunistic.
 	TLS TLSMode
 
 	// TLSConfig is used for STARTTLS and implicit TLS; nil means the system
-	// roots, with the server name taken from Addr.
+	// roots; an empty ServerName is taken from each entry of Addr.
 	TLSConfig *tls.Config
 
 	// Auth authenticates each new session once, after TLS; nil means no AUTH.
@@ -125,6 +129,29 @@ type Config struct {
 	// default 10 minutes.
 	DataTimeout time.Duration
 
+	// CapRecovery is the quiet period after the upstream last refused a
+	// connection over its limit (which lowers the effective cap to the
+	// sessions that were open) after which the cap rises by one, and again
+	// after each further period, up to MaxConns; default 1 minute.
+	CapRecovery time.Duration
+
+	// RateLimit, when above zero, is the most messages per minute sent to
+	// the upstream: Acquire waits for it, like for a session; default 0,
+	// no limit.
+	RateLimit float64
+
+	// RateBurst is how many messages may go at once under RateLimit;
+	// default 1.
+	RateBurst int
+
+	// SlowDown is how long, after the upstream refused the sending rate,
+	// RateLimit is halved; default 1 minute.
+	SlowDown time.Duration
+
+	// FailoverCooldown is how long an entry of Addr that failed is skipped
+	// when another entry follows it; default 30 seconds.
+	FailoverCooldown time.Duration
+
 	// MinIdleConns is the number of idle sessions the background check keeps
 	// open, ready for a burst; they count against MaxConns; default 0.
 	MinIdleConns int32
@@ -160,17 +187,17 @@ func DefaultConfig() Config {
 		ConnectTimeout:     30 * time.Second,
 		CommandTimeout:     time.Minute,
 		DataTimeout:        10 * time.Minute,
+		CapRecovery:        time.Minute,
+		RateBurst:          1,
+		SlowDown:           time.Minute,
+		FailoverCooldown:   30 * time.Second,
 	}
 }
 
 // withDefaults returns a copy of c with every unset field at its default.
 func (c Config) withDefaults() (Config, error) {
-	if c.Addr == "" {
-		return c, errors.New("pool: Config.Addr is required")
-	}
-	host, _, err := net.SplitHostPort(c.Addr)
-	if err != nil {
-		return c, fmt.Errorf("pool: Config.Addr %q: %w", c.Addr, err)
+	if _, err := c.addrs(); err != nil {
+		return c, err
 	}
 	if _, ok := tlsModeNames[c.TLS]; !ok {
 		return c, fmt.Errorf("pool: Config.TLS: unknown mode %d", int(c.TLS))
@@ -180,10 +207,6 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.TLSConfig == nil {
 		c.TLSConfig = &tls.Config{}
-	}
-	if c.TLSConfig.ServerName == "" {
-		c.TLSConfig = c.TLSConfig.Clone()
-		c.TLSConfig.ServerName = host
 	}
 	d := DefaultConfig()
 	setDefault(&c.LocalName, d.LocalName)
@@ -198,6 +221,10 @@ func (c Config) withDefaults() (Config, error) {
 	setDefault(&c.ConnectTimeout, d.ConnectTimeout)
 	setDefault(&c.CommandTimeout, d.CommandTimeout)
 	setDefault(&c.DataTimeout, d.DataTimeout)
+	setDefault(&c.CapRecovery, d.CapRecovery)
+	setDefault(&c.RateBurst, d.RateBurst)
+	setDefault(&c.SlowDown, d.SlowDown)
+	setDefault(&c.FailoverCooldown, d.FailoverCooldown)
 	if c.OnReply == nil {
 		c.OnReply = func(string, int) {}
 	}
@@ -211,10 +238,27 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	if c.MaxConns < 0 || c.MinIdleConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
+		c.RateLimit < 0 || c.RateBurst < 0 || c.CapRecovery < 0 || c.SlowDown < 0 || c.FailoverCooldown < 0 ||
 		c.PingAfterIdle < 0 || c.ProbeBackoff < 0 || c.ProbeBackoffMax < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
 		return c, errors.New("pool: Config limits and durations must not be negative")
 	}
 	return c, nil
+}
+
+// addrs splits Addr into its entries and checks each.
+func (c Config) addrs() ([]string, error) {
+	if strings.TrimSpace(c.Addr) == "" {
+		return nil, errors.New("pool: Config.Addr is required")
+	}
+	var out []string
+	for _, a := range strings.Split(c.Addr, ",") {
+		a = strings.TrimSpace(a)
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, fmt.Errorf("pool: Config.Addr entry %q: %w", a, err)
+		}
+		out = append(out, a)
+	}
+	return out, nil
 }
 
 func setDefault[T comparable](v *T, def T) {

@@ -28,6 +28,9 @@ type Conn struct {
 // ID identifies the session in logs; it counts sessions from 1.
 func (c *Conn) ID() uint64 { return c.res.Value().id }
 
+// Upstream returns the entry of Config.Addr the session is connected to.
+func (c *Conn) Upstream() string { return c.res.Value().upstream.addr }
+
 // TLS reports whether the session is encrypted.
 func (c *Conn) TLS() bool { return c.res.Value().tls }
 
@@ -142,6 +145,7 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 		c.pool.cfg.OnReply(stage, ok)
 	case errors.As(err, &smtpErr):
 		c.pool.cfg.OnReply(stage, smtpErr.Code)
+		err = c.pool.signalError(err, c.pool.p.Stat().TotalResources())
 	}
 	return c.res.Value().fail(ctx, stage, err)
 }
@@ -157,6 +161,7 @@ func (c *Conn) Release() {
 		return
 	}
 	c.released = true
+	defer c.pool.gate.release()
 	s := c.res.Value()
 	if s.dirty && !s.broken {
 		if c.pool.cfg.Auth != nil {
@@ -173,6 +178,10 @@ func (c *Conn) Release() {
 		c.pool.destroy(c.res, reason)
 		return
 	}
+	if c.pool.overCap() {
+		c.pool.destroy(c.res, closeCap)
+		return
+	}
 	c.res.Release()
 }
 
@@ -185,6 +194,7 @@ func (c *Conn) Discard() {
 		return
 	}
 	c.released = true
+	defer c.pool.gate.release()
 	reason := closeDiscarded
 	if c.res.Value().broken {
 		reason = closeBroken

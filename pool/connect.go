@@ -12,23 +12,18 @@ import (
 	"github.com/emersion/go-smtp"
 )
 
-// connect dials the upstream and takes a new session through greeting, EHLO,
-// STARTTLS and AUTH within ConnectTimeout. While the upstream is down, the
-// prober lets one such attempt at a time through.
-func (p *Pool) connect(ctx context.Context) (*session, error) {
-	return p.probe.dial(ctx, p.setUp)
-}
-
-func (p *Pool) setUp(ctx context.Context) (*session, error) {
+// setUp dials the upstream entry u and takes a new session through
+// greeting, EHLO, STARTTLS and AUTH within ConnectTimeout.
+func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	start := time.Now()
-	s, err := p.handshake(ctx)
+	s, err := p.handshake(ctx, u)
 	if errors.Is(err, ErrTokenNotAccepted) {
 		// The refused token was dropped: one more session, with a fresh
 		// token, before this counts as a failure.
 		p.log.Info("upstream refused the OAuth2 token; trying once more with a fresh token", "err", err)
-		s, err = p.handshake(ctx)
+		s, err = p.handshake(ctx, u)
 	}
 	if err != nil {
 		p.stats.connectFailures.Add(1)
@@ -36,25 +31,26 @@ func (p *Pool) setUp(ctx context.Context) (*session, error) {
 		if errors.As(err, &smtpErr) {
 			p.cfg.OnReply("set-up", smtpErr.Code)
 		}
-		p.log.Debug("upstream session set-up failed", "err", err, "duration", time.Since(start).String())
-		return nil, err
+		p.log.Debug("upstream session set-up failed", "upstream", u.addr, "err", err, "duration", time.Since(start).String())
+		return nil, p.signalError(err, p.p.Stat().TotalResources())
 	}
 	s.id = p.stats.connsOpened.Add(1)
-	p.log.Debug("upstream session opened", "session", s.id, "tls", s.tls,
+	s.upstream = u
+	p.log.Debug("upstream session opened", "session", s.id, "upstream", u.addr, "tls", s.tls,
 		"auth", p.cfg.Auth != nil, "duration", time.Since(start).String())
 	return s, nil
 }
 
-func (p *Pool) handshake(ctx context.Context) (*session, error) {
+func (p *Pool) handshake(ctx context.Context, u *upstream) (*session, error) {
 	var s *session
 	var err error
 	switch p.cfg.TLS {
 	case TLSOpportunistic:
-		s, err = p.greetOpportunistic(ctx)
+		s, err = p.greetOpportunistic(ctx, u)
 	case TLSStartTLS:
-		s, err = p.greet(ctx, true)
+		s, err = p.greet(ctx, u, true)
 	default:
-		s, err = p.greet(ctx, false)
+		s, err = p.greet(ctx, u, false)
 	}
 	if err != nil {
 		return nil, err
@@ -80,23 +76,23 @@ var plainTextMemory = time.Minute
 // one at a time, so that a burst of them finds out once. When credentials
 // would cross in clear text, STARTTLS is always tried and its absence is an
 // error, whatever an earlier session saw.
-func (p *Pool) greetOpportunistic(ctx context.Context) (*session, error) {
+func (p *Pool) greetOpportunistic(ctx context.Context, u *upstream) (*session, error) {
 	if !p.tlsKnown.Load() {
 		p.tlsProbe.Lock()
 		defer p.tlsProbe.Unlock()
 	}
 	plainOK := p.cfg.Auth == nil || p.cfg.AllowInsecureAuth
-	if plainOK && time.Now().UnixNano() < p.plainUntil.Load() {
-		return p.greet(ctx, false)
+	if plainOK && time.Now().UnixNano() < u.plainUntil.Load() {
+		return p.greet(ctx, u, false)
 	}
-	s, err := p.greet(ctx, true)
+	s, err := p.greet(ctx, u, true)
 	if errors.Is(err, ErrTLSUnavailable) {
-		p.plainUntil.Store(time.Now().Add(plainTextMemory).UnixNano())
+		u.plainUntil.Store(time.Now().Add(plainTextMemory).UnixNano())
 		if !plainOK {
 			return nil, fmt.Errorf("%w, and credentials are never sent in clear text", err)
 		}
-		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "addr", p.cfg.Addr)
-		s, err = p.greet(ctx, false)
+		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "upstream", u.addr)
+		s, err = p.greet(ctx, u, false)
 	}
 	if err == nil {
 		p.tlsKnown.Store(true)
@@ -106,22 +102,22 @@ func (p *Pool) greetOpportunistic(ctx context.Context) (*session, error) {
 
 // greet dials and runs greeting, EHLO and, if asked, STARTTLS and EHLO again.
 // The connection is closed when ctx ends before it returns.
-func (p *Pool) greet(ctx context.Context, startTLS bool) (*session, error) {
-	raw, err := p.cfg.Dial(ctx, "tcp", p.cfg.Addr)
+func (p *Pool) greet(ctx context.Context, u *upstream, startTLS bool) (*session, error) {
+	raw, err := p.cfg.Dial(ctx, "tcp", u.addr)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", p.cfg.Addr, err)
+		return nil, fmt.Errorf("dial %s: %w", u.addr, err)
 	}
 	tc := &trackedConn{Conn: raw}
 	var conn net.Conn = tc
 	if p.cfg.TLS == TLSImplicit {
-		conn = tls.Client(tc, p.cfg.TLSConfig)
+		conn = tls.Client(tc, u.tls)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 
 	var c *smtp.Client
 	if startTLS {
-		c, err = smtp.NewClientStartTLS(conn, p.cfg.TLSConfig)
+		c, err = smtp.NewClientStartTLS(conn, u.tls)
 		if err != nil && strings.Contains(err.Error(), "doesn't support STARTTLS") {
 			err = ErrTLSUnavailable
 		}
@@ -136,7 +132,7 @@ func (p *Pool) greet(ctx context.Context, startTLS bool) (*session, error) {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
 		}
-		return nil, fmt.Errorf("greet %s: %w", p.cfg.Addr, err)
+		return nil, fmt.Errorf("greet %s: %w", u.addr, err)
 	}
 	_, isTLS := c.TLSConnectionState()
 	return &session{client: c, conn: tc, tls: isTLS}, nil

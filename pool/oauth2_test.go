@@ -208,7 +208,12 @@ func TestOAuth2MailFlowsAcrossTokenLifetimes(t *testing.T) {
 		t.Fatal(err)
 	}
 	st, ps := u.up.Stats(), p.Stat()
-	if st.Messages != int64(sent) || st.Auths != ps.ConnsOpened || st.Commands["AUTH"] != st.Auths {
+	// A token is renewed a tenth of its life before expiry and handed out
+	// until half that margin is left: 50 ms for these 1-second tokens. On a
+	// loaded machine a handshake can outlast that; the upstream then
+	// refuses the token and the pool's one fresh-token retry carries the
+	// session. Allow a few such refusals, never a failed session.
+	if refused := st.Commands["AUTH"] - st.Auths; st.Messages != int64(sent) || st.Auths != ps.ConnsOpened || refused > max(2, ps.ConnsOpened/4) {
 		t.Errorf("upstream saw %d of %d messages, %d AUTH commands, %d accepted, for %d sessions", st.Messages, sent,
 			st.Commands["AUTH"], st.Auths, ps.ConnsOpened)
 	}

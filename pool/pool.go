@@ -15,12 +15,14 @@ package pool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/puddle/v2"
+	"golang.org/x/time/rate"
 )
 
 // Pool is a set of upstream SMTP sessions. It is safe for concurrent use.
@@ -30,16 +32,20 @@ type Pool struct {
 	p       *puddle.Pool[*session]
 	stats   counters
 	waiting atomic.Int32 // Acquire calls in progress
-	probe   prober
 
-	// plainUntil, in opportunistic mode, is when the knowledge that the
-	// upstream does not offer STARTTLS expires (Unix nanoseconds); until
-	// then sessions without credentials skip the attempt. tlsKnown says a
-	// session has been set up, which tells; until then tlsProbe sets
-	// sessions up one at a time, so that a burst finds out once.
-	plainUntil atomic.Int64
-	tlsKnown   atomic.Bool
-	tlsProbe   sync.Mutex
+	upstreams []*upstream   // the entries of Config.Addr, in order
+	gate      *capGate      // the effective cap, learnt from the upstream
+	limiter   *rate.Limiter // RateLimit, or nil
+	throttle  sync.Mutex    // guards the fields below
+	capSignal time.Time     // when the upstream last refused a connection over its limit
+	capRaised time.Time     // when the effective cap last rose
+	slowUntil time.Time     // until when RateLimit is halved
+
+	// In opportunistic mode, tlsKnown says a session has been set up,
+	// which tells whether the upstream offers STARTTLS; until then tlsProbe
+	// sets sessions up one at a time, so that a burst finds out once.
+	tlsKnown atomic.Bool
+	tlsProbe sync.Mutex
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -56,11 +62,16 @@ func New(cfg Config) (*Pool, error) {
 	p := &Pool{
 		cfg:    cfg,
 		log:    cfg.Logger,
-		probe:  prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax},
+		gate:   newCapGate(cfg.MaxConns),
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 	}
-	p.probe.log = cfg.Logger
+	if p.upstreams, err = newUpstreams(cfg); err != nil {
+		return nil, err
+	}
+	if cfg.RateLimit > 0 {
+		p.limiter = rate.NewLimiter(rate.Limit(cfg.RateLimit/60), cfg.RateBurst)
+	}
 	p.p, err = puddle.NewPool(&puddle.Config[*session]{
 		Constructor: p.connect,
 		Destructor:  p.closeSession,
@@ -83,6 +94,23 @@ func New(cfg Config) (*Pool, error) {
 func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	p.waiting.Add(1)
 	defer p.waiting.Add(-1)
+	if p.limiter != nil {
+		if err := p.limiter.Wait(ctx); err != nil {
+			return nil, fmt.Errorf("waiting for the rate limit: %w", err)
+		}
+	}
+	if err := p.gate.acquire(ctx); err != nil {
+		return nil, err
+	}
+	c, err := p.acquire(ctx)
+	if err != nil {
+		p.gate.release()
+	}
+	return c, err
+}
+
+// acquire takes a usable session from puddle, within the gate.
+func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 	// Each pass either returns or closes a session, so the loop ends; the
 	// bound turns a pool that only yields unusable sessions into an error.
 	for range 2*int(p.cfg.MaxConns) + 2 {
@@ -126,7 +154,7 @@ func (p *Pool) usable(ctx context.Context, res *puddle.Resource[*session]) bool 
 			p.destroy(res, closeBroken)
 			return false
 		}
-		p.probe.up.Store(true)
+		s.upstream.probe.up.Store(true)
 	}
 	return true
 }
@@ -153,10 +181,11 @@ const (
 	closeDiscarded
 	closeUnfinished
 	closeShutdown
+	closeCap
 	numCloseReasons
 )
 
-var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "unfinished", "shutdown"}
+var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "unfinished", "shutdown", "cap"}
 
 func (r closeReason) String() string { return closeReasonNames[r] }
 
@@ -207,6 +236,7 @@ func (p *Pool) healthLoop() {
 			return
 		case <-t.C:
 			p.checkIdle()
+			p.recover()
 			p.fillIdle()
 		}
 	}
@@ -229,7 +259,7 @@ func (p *Pool) checkIdle() {
 func (p *Pool) fillIdle() {
 	st := p.p.Stat()
 	missing := p.cfg.MinIdleConns - st.IdleResources() - st.ConstructingResources()
-	missing = min(missing, p.cfg.MaxConns-st.TotalResources())
+	missing = min(missing, p.gate.current()-st.TotalResources())
 	for range max(missing, 0) {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
@@ -239,5 +269,74 @@ func (p *Pool) fillIdle() {
 				p.log.Debug("could not open an idle upstream session", "err", err)
 			}
 		}()
+	}
+}
+
+// lowerCap lowers the effective cap to open sessions (at least 1) after
+// the upstream refused a connection over its limit, and reports whether it
+// did; idle sessions over the new cap are closed.
+func (p *Pool) lowerCap(open int32, reply error) bool {
+	open = max(open, 1)
+	p.throttle.Lock()
+	p.capSignal = time.Now()
+	p.throttle.Unlock()
+	if open >= p.gate.current() {
+		return false
+	}
+	p.gate.setLimit(open)
+	p.log.Warn("upstream refused a connection over its limit; lowering the effective cap",
+		"effective_max_conns", open, "max_conns", p.cfg.MaxConns, "reply", reply)
+	p.trimToCap()
+	return true
+}
+
+// overCap reports whether more sessions are open than the effective cap
+// allows, as after the cap was lowered.
+func (p *Pool) overCap() bool { return p.p.Stat().TotalResources() > p.gate.current() }
+
+// trimToCap closes idle sessions over the effective cap; sessions in use
+// over it are closed when they are released.
+func (p *Pool) trimToCap() {
+	excess := p.p.Stat().TotalResources() - p.gate.current()
+	for _, res := range p.p.AcquireAllIdle() {
+		if excess > 0 {
+			excess--
+			p.destroy(res, closeCap)
+			continue
+		}
+		res.ReleaseUnused()
+	}
+}
+
+// slowDown halves the rate limit for SlowDown, after the upstream refused
+// the sending rate.
+func (p *Pool) slowDown(reply error) {
+	p.throttle.Lock()
+	defer p.throttle.Unlock()
+	already := time.Now().Before(p.slowUntil)
+	p.slowUntil = time.Now().Add(p.cfg.SlowDown)
+	if p.limiter != nil && !already {
+		p.limiter.SetLimit(rate.Limit(p.cfg.RateLimit / 60 / 2))
+	}
+	if !already {
+		p.log.Warn("upstream refused the sending rate; slowing down", "for", p.cfg.SlowDown.String(), "reply", reply)
+	}
+}
+
+// recover raises the effective cap by one after each quiet CapRecovery,
+// and restores the rate limit once SlowDown has passed.
+func (p *Pool) recover() {
+	p.throttle.Lock()
+	defer p.throttle.Unlock()
+	now := time.Now()
+	if c := p.gate.current(); c < p.cfg.MaxConns && now.Sub(p.capSignal) >= p.cfg.CapRecovery && now.Sub(p.capRaised) >= p.cfg.CapRecovery {
+		p.capRaised = now
+		p.gate.setLimit(c + 1)
+		p.log.Info("no connection refused for a while; raising the effective cap", "effective_max_conns", c+1, "max_conns", p.cfg.MaxConns)
+	}
+	if p.limiter != nil && !p.slowUntil.IsZero() && now.After(p.slowUntil) {
+		p.slowUntil = time.Time{}
+		p.limiter.SetLimit(rate.Limit(p.cfg.RateLimit / 60))
+		p.log.Info("sending rate restored")
 	}
 }

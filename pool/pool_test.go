@@ -304,7 +304,7 @@ func TestConnectFailures(t *testing.T) {
 		cfg     pool.Config
 		want421 bool
 	}{
-		{name: "421 banner", fault: memsmtp.Fault{Reply: &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "too many connections"}}, want421: true},
+		{name: "421 banner", fault: memsmtp.Fault{Reply: &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Service not available"}}, want421: true},
 		{name: "silent server", fault: memsmtp.Fault{Delay: 2 * time.Second}, cfg: pool.Config{ConnectTimeout: 50 * time.Millisecond}},
 	}
 	for _, tt := range tests {

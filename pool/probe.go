@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -27,8 +28,10 @@ type prober struct {
 	delay    time.Duration // the pause before the next probe after a failure
 }
 
-// dial sets up a session with connect, through the prober's gate.
-func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*session, error)) (*session, error) {
+// dial sets up a session with connect, through the prober's gate. With
+// noWait, it does not wait for a probe in flight either, but fails at once,
+// so that the caller can turn to another upstream.
+func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*session, error), noWait bool) (*session, error) {
 	for {
 		pr.mu.Lock()
 		switch {
@@ -37,6 +40,9 @@ func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*sess
 			s, err := connect(ctx)
 			pr.record(ctx, err, false)
 			return s, err
+		case pr.inFlight != nil && noWait:
+			pr.mu.Unlock()
+			return nil, fmt.Errorf("%w: probe in flight", ErrUpstreamDown)
 		case pr.inFlight != nil:
 			wait := pr.inFlight
 			pr.mu.Unlock()
@@ -68,7 +74,9 @@ func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*sess
 // ending says nothing about the upstream. The pause before the next probe
 // starts at base and doubles with each failed probe, up to max.
 func (pr *prober) record(ctx context.Context, err error, probe bool) {
-	if err != nil && ctx.Err() != nil {
+	// A refusal over the connection limit comes from an upstream that is
+	// up: the effective cap deals with it.
+	if err != nil && (ctx.Err() != nil || errors.Is(err, ErrConnLimit)) {
 		return
 	}
 	pr.mu.Lock()

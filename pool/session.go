@@ -26,6 +26,7 @@ type session struct {
 	dirty        bool // a transaction was started and not finished
 	broken       bool // an I/O error, a 421 or a cancelled command: never reuse
 	closeReason  closeReason
+	upstream     *upstream // the entry of Config.Addr it is connected to
 }
 
 // trackedConn remembers whether a write failed, which tells a lost reply

@@ -20,6 +20,10 @@ type counters struct {
 type Stat struct {
 	// MaxConns is the cap on conns, Config.MaxConns.
 	MaxConns int32
+	// EffectiveMaxConns is the cap in force now, between 1 and MaxConns:
+	// lowered when the upstream refuses a conn over its limit, raised by
+	// one after each quiet Config.CapRecovery.
+	EffectiveMaxConns int32
 	// TotalConns is the number of conns open or being set up now.
 	TotalConns int32
 	// AcquiredConns is the number of conns lent out now.
@@ -71,17 +75,36 @@ type Stat struct {
 	ClosedUnfinished int64
 	// ClosedShutdown counts conns closed by Close.
 	ClosedShutdown int64
+	// ClosedCap counts conns closed because the effective cap was lowered
+	// below the conns open.
+	ClosedCap int64
 
 	// UpstreamUp reports whether the last set-up or health check of a conn
-	// succeeded; it is false until one has.
+	// to any entry of Config.Addr succeeded; it is false until one has.
 	UpstreamUp bool
+	// Upstreams reports each entry of Config.Addr, in order.
+	Upstreams []UpstreamStat
+}
+
+// UpstreamStat is the state of one entry of Config.Addr.
+type UpstreamStat struct {
+	// Addr is the entry's host:port.
+	Addr string
+	// Up reports whether the last set-up or health check of a conn to it
+	// succeeded; it is false until one has.
+	Up bool
 }
 
 // Stat returns a snapshot of the pool.
 func (p *Pool) Stat() Stat {
 	ps := p.p.Stat()
+	ups := make([]UpstreamStat, len(p.upstreams))
+	for i, u := range p.upstreams {
+		ups[i] = UpstreamStat{Addr: u.addr, Up: u.probe.up.Load()}
+	}
 	return Stat{
 		MaxConns:             ps.MaxResources(),
+		EffectiveMaxConns:    p.gate.current(),
 		TotalConns:           ps.TotalResources(),
 		AcquiredConns:        ps.AcquiredResources(),
 		IdleConns:            ps.IdleResources(),
@@ -102,7 +125,9 @@ func (p *Pool) Stat() Stat {
 		ClosedDiscarded:      p.stats.closed[closeDiscarded].Load(),
 		ClosedUnfinished:     p.stats.closed[closeUnfinished].Load(),
 		ClosedShutdown:       p.stats.closed[closeShutdown].Load(),
-		UpstreamUp:           p.probe.up.Load(),
+		ClosedCap:            p.stats.closed[closeCap].Load(),
+		UpstreamUp:           p.upstreamUp(),
+		Upstreams:            ups,
 	}
 }
 
@@ -110,6 +135,7 @@ func (p *Pool) Stat() Stat {
 func (s Stat) LogValue() slog.Value {
 	return slog.GroupValue(
 		slog.Int("max_conns", int(s.MaxConns)),
+		slog.Int("effective_max_conns", int(s.EffectiveMaxConns)),
 		slog.Int("acquired_conns", int(s.AcquiredConns)),
 		slog.Int("idle_conns", int(s.IdleConns)),
 		slog.Int("constructing_conns", int(s.ConstructingConns)),

@@ -98,18 +98,19 @@ type Observer interface {
 	Retried(reason string)
 	// TransactionEnded reports a transaction's end: result "delivered",
 	// "rejected" (a 5xx passed on), "failed" (a 4xx the client got) or
-	// "abandoned" (the client ended it before an outcome); d is the time
-	// from MAIL, size the message's size in bytes (0 if none was read).
-	TransactionEnded(result string, d time.Duration, size int)
+	// "abandoned" (the client ended it before an outcome); upstream is the
+	// entry of the pool's Addr that served it last ("" if none); d is the
+	// time from MAIL, size the message's size in bytes (0 if none was read).
+	TransactionEnded(result, upstream string, d time.Duration, size int)
 }
 
 // noObserver discards events.
 type noObserver struct{}
 
-func (noObserver) AcquireWaited(time.Duration)                 {}
-func (noObserver) AcquireTimedOut()                            {}
-func (noObserver) Retried(string)                              {}
-func (noObserver) TransactionEnded(string, time.Duration, int) {}
+func (noObserver) AcquireWaited(time.Duration)                         {}
+func (noObserver) AcquireTimedOut()                                    {}
+func (noObserver) Retried(string)                                      {}
+func (noObserver) TransactionEnded(string, string, time.Duration, int) {}
 
 // DefaultConfig returns the defaults that NewServer applies to the fields of
 // a Config left at their zero value. MaxBufferBytes is left at zero: its

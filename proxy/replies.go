@@ -67,6 +67,10 @@ type verdict struct {
 	// was refused: the retry reuses it.
 	sameSession bool
 	now         bool // retry without a pause
+	// free says the failure is not the transaction's: the upstream refused
+	// a session over its limit and the pool lowered its cap, so a retry
+	// within the new cap does not count as an attempt.
+	free bool
 }
 
 // classify turns an error from the pool or the upstream, met while relaying
@@ -89,6 +93,10 @@ type verdict struct {
 //     client) end at once as 451 4.3.5: they are the
 //     operator's to fix, and the message must not bounce for them.
 //   - An argument the upstream cannot be sent (CR, LF, NUL) is 501 5.5.4.
+//   - Limits the upstream signals: a refusal over its connection limit
+//     that lowered the pool's cap is retried at once within the new cap,
+//     without counting; a spent daily quota is passed on without retry; a
+//     refused sending rate is retried after the longest pause.
 func classify(cmd command, err error) verdict {
 	var smtpErr *smtp.SMTPError
 	var certErr *tls.CertificateVerificationError
@@ -104,6 +112,11 @@ func classify(cmd command, err error) verdict {
 		return verdict{reply: replyTransactionTimeout}
 	case errors.Is(err, pool.ErrInvalidArgument):
 		return verdict{reply: replyBadArgument}
+	case errors.Is(err, pool.ErrQuota) && errors.As(err, &smtpErr):
+		// The day's quota is spent: pass the reply on, no retry storm.
+		return verdict{reply: &smtp.SMTPError{Code: smtpErr.Code, EnhancedCode: smtpErr.EnhancedCode, Message: smtpErr.Message}}
+	case errors.Is(err, pool.ErrCapLowered) && !errors.Is(err, pool.ErrUpstreamDown):
+		return verdict{reply: replyUnavailable, retry: true, now: true, free: true}
 	case errors.As(err, &smtpErr) && errors.Is(err, errSetup) && smtpErr.Code >= 500:
 		return verdict{reply: replyMisconfigured}
 	case errors.As(err, &smtpErr):
@@ -138,6 +151,10 @@ func retryReason(err error) string {
 	switch {
 	case errors.Is(err, pool.ErrNoReply):
 		return "no_reply"
+	case errors.Is(err, pool.ErrConnLimit):
+		return "conn_limit"
+	case errors.Is(err, pool.ErrTooFast):
+		return "too_fast"
 	case errors.As(err, &smtpErr) && smtpErr.Code == 530:
 		return "auth_lost"
 	case errors.As(err, &smtpErr) && smtpErr.Code == 421:

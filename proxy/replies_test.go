@@ -94,8 +94,8 @@ func TestUpstreamReplyReachesClient(t *testing.T) {
 		},
 		{
 			name:     "421 at end of DATA until tries run out becomes 451",
-			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: memsmtp.Repeat(memsmtp.Fault{Reply: reply(421, [3]int{4, 3, 2}, "Shutting down")}, 4)},
-			wantStep: "end of DATA", want: reply(451, [3]int{4, 3, 2}, "Shutting down"), wantConns: 4,
+			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: memsmtp.Repeat(memsmtp.Fault{Reply: reply(421, [3]int{4, 4, 2}, "Timeout, closing")}, 4)},
+			wantStep: "end of DATA", want: reply(451, [3]int{4, 4, 2}, "Timeout, closing"), wantConns: 4,
 		},
 		{
 			// go-smtp's client expects exactly 250; resending after a 251

@@ -52,6 +52,7 @@ type transaction struct {
 	failures     int             // transient failures so far
 	bytes        int             // size of the message read
 	upID         uint64          // the last upstream session used, for the log
+	upAddr       string          // and its upstream entry
 	firstFailure time.Time       // the first transient failure, which starts the retry window
 	finalReply   *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
 	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
@@ -98,8 +99,14 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		}
 		v := tx.judge(cmd, where, err)
 		if v.retry {
-			tx.failures++
 			b.cfg.Observer.Retried(retryReason(err))
+		}
+		if v.free {
+			tx.discardUpstream()
+			continue
+		}
+		if v.retry {
+			tx.failures++
 		}
 		if !v.retry || tx.retriesExhausted() {
 			if !v.sameSession {
@@ -115,7 +122,11 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		if v.now {
 			continue
 		}
-		delay := min(backoff(tx.failures, b.cfg.RetryBackoff, b.cfg.RetryBackoffMax), tx.retryTimeLeft())
+		delay := backoff(tx.failures, b.cfg.RetryBackoff, b.cfg.RetryBackoffMax)
+		if errors.Is(err, pool.ErrTooFast) {
+			delay = b.cfg.RetryBackoffMax // the upstream asked to slow down
+		}
+		delay = min(delay, tx.retryTimeLeft())
 		b.log.Debug("transient upstream failure, retrying", "client", tx.s.client,
 			"command", string(cmd), "failures", tx.failures, "delay", delay.String(),
 			"same_session", v.sameSession, "err", err, "ambiguous", errors.Is(err, pool.ErrNoReply))
@@ -175,7 +186,7 @@ func (tx *transaction) acquire() (*pool.Conn, error) {
 			b.log.Debug("waited for an upstream session", "client", tx.s.client,
 				"waited", waited.Round(time.Millisecond).String(), "pool", b.pool.Stat())
 		}
-		tx.upID = c.ID()
+		tx.upID, tx.upAddr = c.ID(), c.Upstream()
 		return c, nil
 	case tx.ctx.Err() != nil:
 		return nil, context.Cause(tx.ctx)
@@ -388,7 +399,7 @@ func (tx *transaction) logEnd() {
 		outcome = "failed"
 	}
 	duration := time.Since(tx.start)
-	tx.s.b.cfg.Observer.TransactionEnded(resultOf(outcome, tx.lastCode), duration, tx.bytes)
+	tx.s.b.cfg.Observer.TransactionEnded(resultOf(outcome, tx.lastCode), tx.upAddr, duration, tx.bytes)
 	log := tx.s.b.log
 	attrs := []slog.Attr{
 		slog.String("client", tx.s.client),
@@ -399,7 +410,7 @@ func (tx *transaction) logEnd() {
 		slog.String("duration", duration.Round(time.Microsecond).String()),
 	}
 	if tx.upID != 0 {
-		attrs = append(attrs, slog.Uint64("upstream_conn", tx.upID))
+		attrs = append(attrs, slog.String("upstream", tx.upAddr), slog.Uint64("upstream_conn", tx.upID))
 	}
 	if tx.lastCode != 0 {
 		attrs = append(attrs, slog.Int("reply", tx.lastCode))

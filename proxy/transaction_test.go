@@ -226,3 +226,39 @@ func TestRetryReplaysAcceptedRecipients(t *testing.T) {
 		t.Errorf("upstream got %v, want one message to %v", msgs, to)
 	}
 }
+
+// TestCapSettlesAtTheUpstreamsSessionLimit: against an upstream that lets
+// 3 sessions send at once and answers 432 4.3.2 beyond (Exchange Online's
+// per-mailbox limit), a pool capped at 10 delivers every message, the
+// refused tries do not count against the clients, and the effective cap
+// settles at 3.
+func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
+	const clients = 40
+	e := newEnv(t, options{upstream: memsmtp.Options{SessionLimit: 3}, pool: pool.Config{MaxConns: 10},
+		proxy: proxy.Config{MaxAttempts: 2}})
+	errs := make(chan error, clients)
+	for i := range clients {
+		go func() {
+			c, err := smtp.Dial(e.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			errs <- send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint("limit", i)))
+		}()
+	}
+	for range clients {
+		if err := <-errs; err != nil {
+			t.Errorf("send: %v", err)
+		}
+	}
+	st := e.pool.Stat()
+	if n := e.up.Stats().Messages; n != clients {
+		t.Errorf("upstream has %d messages, want %d", n, clients)
+	}
+	if st.EffectiveMaxConns != 3 {
+		t.Errorf("effective cap settled at %d, want 3", st.EffectiveMaxConns)
+	}
+	t.Logf("upstream connections: %d, most open at once: %d; pool: %+v", e.up.Stats().Conns, e.up.Stats().MaxOpen, st)
+}

@@ -93,6 +93,11 @@ type Options struct {
 	// Hide removes these extensions (such as "8BITMIME" or "SMTPUTF8") from
 	// the EHLO reply.
 	Hide []string
+	// SessionLimit, when above zero, is how many concurrent connections
+	// may send: as Exchange Online does with its 3 per mailbox, a
+	// connection with that many older ones still open gets
+	// "432 4.3.2 Concurrent connections limit exceeded" to DATA.
+	SessionLimit int
 	// OnMessage, if set, is called with each accepted message.
 	OnMessage func(Message)
 	// ErrorLog receives go-smtp's internal errors; default discards them.
@@ -432,7 +437,32 @@ func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	return nil
 }
 
+// ErrSessionLimit is the reply of a server over its SessionLimit, at DATA.
+var ErrSessionLimit = &smtp.SMTPError{Code: 432, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
+	Message: "Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information."}
+
+// overSessionLimit reports whether SessionLimit connections older than
+// this session's are open.
+func (ss *session) overSessionLimit() bool {
+	limit := ss.s.opts.SessionLimit
+	if limit <= 0 {
+		return false
+	}
+	ss.s.mu.Lock()
+	defer ss.s.mu.Unlock()
+	older := 0
+	for c := range ss.s.live {
+		if c.id < ss.conn {
+			older++
+		}
+	}
+	return older >= limit
+}
+
 func (ss *session) Data(r io.Reader) error {
+	if ss.overSessionLimit() {
+		return ErrSessionLimit
+	}
 	f := ss.s.nextFault(Data)
 	if f != nil {
 		time.Sleep(f.Stall)

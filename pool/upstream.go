@@ -1,0 +1,81 @@
+package pool
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"sync/atomic"
+)
+
+// upstream is one entry of Config.Addr, with its own prober and its own
+// knowledge of STARTTLS.
+type upstream struct {
+	addr  string
+	tls   *tls.Config // Config.TLSConfig, with this entry's server name
+	probe prober
+
+	// plainUntil, in opportunistic mode, is when the knowledge that this
+	// entry does not offer STARTTLS expires (Unix nanoseconds); until then
+	// sessions without credentials skip the attempt.
+	plainUntil atomic.Int64
+}
+
+// newUpstreams makes the entries of cfg.Addr. Each but the last is skipped
+// for FailoverCooldown after a failure, since the next one can serve; the
+// last is probed again after the usual backoff.
+func newUpstreams(cfg Config) ([]*upstream, error) {
+	addrs, err := cfg.addrs()
+	if err != nil {
+		return nil, err
+	}
+	ups := make([]*upstream, len(addrs))
+	for i, addr := range addrs {
+		u := &upstream{addr: addr, tls: cfg.TLSConfig}
+		if u.tls.ServerName == "" {
+			host, _, _ := net.SplitHostPort(addr)
+			u.tls = cfg.TLSConfig.Clone()
+			u.tls.ServerName = host
+		}
+		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, log: cfg.Logger.With("upstream", addr)}
+		if i < len(addrs)-1 {
+			u.probe.base, u.probe.max = cfg.FailoverCooldown, cfg.FailoverCooldown
+		}
+		ups[i] = u
+	}
+	return ups, nil
+}
+
+// connect sets up a session on the first entry of Addr that will take one:
+// an entry whose last attempt failed is skipped until its next probe is
+// due, if another entry follows it. While the only (or last) entry is
+// down, the prober lets one attempt at a time through.
+func (p *Pool) connect(ctx context.Context) (*session, error) {
+	var err error
+	for i, u := range p.upstreams {
+		last := i == len(p.upstreams)-1
+		var s *session
+		s, err = u.probe.dial(ctx, func(ctx context.Context) (*session, error) { return p.setUp(ctx, u) }, !last)
+		if err == nil {
+			return s, nil
+		}
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		if !last && !errors.Is(err, ErrUpstreamDown) {
+			p.log.Warn("upstream entry failed; failing over to the next", "upstream", u.addr, "next", p.upstreams[i+1].addr, "err", err)
+		}
+	}
+	return nil, err
+}
+
+// upstreamUp reports whether any entry's last set-up or health check
+// succeeded.
+func (p *Pool) upstreamUp() bool {
+	for _, u := range p.upstreams {
+		if u.probe.up.Load() {
+			return true
+		}
+	}
+	return false
+}
