@@ -192,6 +192,7 @@ const (
 // Result is what one client connection saw.
 type Result struct {
 	Msg        Message
+	Local      string        // the client's own address, as smtppool logs it (client=); empty if it did not connect
 	Stage      string        // where the conversation ended
 	Code       int           // the last reply's code; 0 when no reply came
 	Reply      string        // the last reply's text
@@ -243,6 +244,7 @@ func SendMail(addr string, m Message, opts SendOptions) (r Result) {
 		return r
 	}
 	defer c.Close()
+	r.Local = c.conn.LocalAddr().String()
 	c.SetDeadline(r.Start.Add(opts.Timeout))
 
 	// step sends a command (none for the greeting) and reads the reply.
@@ -322,6 +324,27 @@ func SendBurst(addr string, msgs []Message, o BurstOptions) []Result {
 		done.Add(1)
 		go func() {
 			defer done.Done()
+			results[i] = SendMail(addr, m, opts)
+		}()
+	}
+	done.Wait()
+	return results
+}
+
+// SendBurstLimited sends every message over its own connection, as
+// SendBurst does, but with at most limit conversations under way at once,
+// as a chat server does whose sending goroutines are bounded: each further
+// client starts as soon as one has finished. It returns the results in the
+// order of msgs.
+func SendBurstLimited(addr string, msgs []Message, limit int, opts SendOptions) []Result {
+	results := make([]Result, len(msgs))
+	slots := make(chan struct{}, max(limit, 1))
+	var done sync.WaitGroup
+	for i, m := range msgs {
+		slots <- struct{}{}
+		done.Add(1)
+		go func() {
+			defer func() { <-slots; done.Done() }()
 			results[i] = SendMail(addr, m, opts)
 		}()
 	}

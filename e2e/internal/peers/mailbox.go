@@ -91,6 +91,21 @@ func (p *Postfix) Mailbox() (Mailbox, error) {
 // of want and its queue is empty, flushing the queue every 2 s, and returns
 // its mailbox.
 func (p *Postfix) WaitDelivered(ctx context.Context, want []Message, timeout time.Duration) (Mailbox, error) {
+	return p.waitDelivered(ctx, want, timeout, p.queueLen)
+}
+
+// WaitDeliveredAfterStop is WaitDelivered for an instance that was stopped
+// while it received mail: an incoming queue file that a process killed by
+// the stop left unfinished does not count as queued. Postfix marks a
+// finished queue file with its owner-execute bit and never delivers an
+// unfinished one.
+func (p *Postfix) WaitDeliveredAfterStop(ctx context.Context, want []Message, timeout time.Duration) (Mailbox, error) {
+	return p.waitDelivered(ctx, want, timeout, p.finishedQueueLen)
+}
+
+// waitDelivered waits until every message of want is in the mailbox and
+// queued reports 0.
+func (p *Postfix) waitDelivered(ctx context.Context, want []Message, timeout time.Duration, queued func() int) (Mailbox, error) {
 	var box Mailbox
 	var err error
 	lastFlush := time.Now()
@@ -104,15 +119,15 @@ func (p *Postfix) WaitDelivered(ctx context.Context, want []Message, timeout tim
 				got++
 			}
 		}
-		queued := p.queueLen()
-		if got == len(want) && queued == 0 {
+		n := queued()
+		if got == len(want) && n == 0 {
 			return true, ""
 		}
 		if time.Since(lastFlush) > 2*time.Second {
 			p.flush()
 			lastFlush = time.Now()
 		}
-		return false, fmt.Sprintf("%d/%d delivered, %d in Postfix's queue", got, len(want), queued)
+		return false, fmt.Sprintf("%d/%d delivered, %d in Postfix's queue", got, len(want), n)
 	})
 	if err != nil {
 		return nil, err

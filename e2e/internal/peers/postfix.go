@@ -175,6 +175,29 @@ func (p *Postfix) queueLen() int {
 	return n
 }
 
+// finishedQueueLen is queueLen without the files in the incoming queue
+// that cleanup has not finished writing, such as those a process killed by
+// a stop leaves behind: cleanup creates a queue file with mode 0600 and
+// sets its owner-execute bit once the message is complete.
+func (p *Postfix) finishedQueueLen() int {
+	n := 0
+	for _, q := range []string{"maildrop", "incoming", "active", "deferred", "hold"} {
+		_ = filepath.WalkDir(filepath.Join(p.Dir, "spool", q), func(_ string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() {
+				return nil
+			}
+			if q == "incoming" {
+				if fi, err := d.Info(); err != nil || fi.Mode().Perm()&0o100 == 0 {
+					return nil
+				}
+			}
+			n++
+			return nil
+		})
+	}
+	return n
+}
+
 // WaitQueueEmpty waits until the queue is empty.
 func (p *Postfix) WaitQueueEmpty(ctx context.Context, timeout time.Duration) error {
 	return Poll(ctx, timeout, "postfix's queue to empty", func() (bool, string) {
