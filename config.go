@@ -23,10 +23,21 @@ import (
 // defaults come from defaultConfig; the help tags, and the default tags of
 // values that are not literal, are printed by -h.
 type config struct {
-	ListenAddr         string `env:"SMTPPOOL_LISTEN_ADDR" help:"where clients connect"`
-	AllowRemoteClients bool   `env:"SMTPPOOL_ALLOW_REMOTE_CLIENTS" help:"allow a listen address other than loopback; whoever reaches it can send mail as the upstream account"`
-	Hostname           string `env:"SMTPPOOL_HOSTNAME" default:"the host name" help:"name in the greeting and in EHLO to the upstream"`
-	AdminAddr          string `env:"SMTPPOOL_ADMIN_ADDR" help:"where the HTTP endpoints /healthz, /readyz and /metrics listen; empty disables them"`
+	ListenAddr string `env:"SMTPPOOL_LISTEN_ADDR" help:"where clients connect"`
+
+	// Who may send: see access.go and README.md's Security section.
+	AllowedNetworks    []string `env:"SMTPPOOL_ALLOWED_NETWORKS" envSeparator:"," help:"comma-separated networks (CIDR) or addresses of the clients that may connect; others get 554 5.7.1 instead of the greeting"`
+	MaxClientConns     int      `env:"SMTPPOOL_MAX_CLIENT_CONNS" help:"most client connections open at once; beyond it, new ones get 421 4.7.0 instead of the greeting"`
+	ClientUsername     string   `env:"SMTPPOOL_CLIENT_USERNAME" help:"if set, clients must authenticate with it and SMTPPOOL_CLIENT_PASSWORD (AUTH PLAIN or LOGIN) before MAIL; AUTH is offered over TLS, and in plain text to loopback clients only"`
+	ClientPassword     string   `env:"SMTPPOOL_CLIENT_PASSWORD" help:"the password clients authenticate with"`
+	ClientPasswordFile string   `env:"SMTPPOOL_CLIENT_PASSWORD_FILE" help:"file holding the client password (one trailing newline is ignored)"`
+	ListenTLSCert      string   `env:"SMTPPOOL_LISTEN_TLS_CERT" help:"PEM certificate file (with its chain); with SMTPPOOL_LISTEN_TLS_KEY, clients may use STARTTLS; both are read again when they change"`
+	ListenTLSKey       string   `env:"SMTPPOOL_LISTEN_TLS_KEY" help:"PEM private key file of SMTPPOOL_LISTEN_TLS_CERT"`
+	ListenRequireTLS   bool     `env:"SMTPPOOL_LISTEN_REQUIRE_TLS" help:"refuse MAIL and AUTH before STARTTLS, to every client"`
+	LogAddresses       bool     `env:"SMTPPOOL_LOG_ADDRESSES" help:"log envelope addresses at info level; otherwise only at debug"`
+
+	Hostname  string `env:"SMTPPOOL_HOSTNAME" default:"the host name" help:"name in the greeting and in EHLO to the upstream"`
+	AdminAddr string `env:"SMTPPOOL_ADMIN_ADDR" help:"where the HTTP endpoints /healthz, /readyz and /metrics listen; empty disables them"`
 
 	UpstreamAddr         string       `env:"SMTPPOOL_UPSTREAM_ADDR" default:"required" help:"upstream host:port, or several, comma-separated, tried in order (failover); required, except in demo mode"`
 	UpstreamTLS          pool.TLSMode `env:"SMTPPOOL_UPSTREAM_TLS" help:"none, opportunistic (STARTTLS when offered), starttls (required) or tls (implicit TLS, port 465)"`
@@ -75,8 +86,11 @@ type config struct {
 // pool's and the proxy's own defaults, and smtppool's.
 func defaultConfig() config {
 	pd, xd := pool.DefaultConfig(), proxy.DefaultConfig()
+	ld := proxy.DefaultListenConfig()
 	return config{
 		ListenAddr:         "127.0.0.1:2525",
+		AllowedNetworks:    formatNetworks(ld.AllowedNetworks),
+		MaxClientConns:     ld.MaxClientConns,
 		AdminAddr:          "127.0.0.1:9025",
 		UpstreamTLS:        pd.TLS,
 		UpstreamAuth:       "auto",
@@ -129,6 +143,9 @@ func loadConfig(environ []string, demo bool) (config, error) {
 	if err := readSecret(&cfg.OAuth2ClientSecret, cfg.OAuth2ClientSecretFile, "SMTPPOOL_OAUTH2_CLIENT_SECRET"); err != nil {
 		return cfg, err
 	}
+	if err := readAccess(&cfg, vars); err != nil {
+		return cfg, err
+	}
 	return cfg, cfg.check(demo)
 }
 
@@ -155,9 +172,10 @@ func (c *config) check(demo bool) error {
 	add := func(name, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
 	}
-	if err := checkListenAddr(c.ListenAddr, c.AllowRemoteClients); err != nil {
-		add("SMTPPOOL_LISTEN_ADDR", "%v", err)
+	if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
+		add("SMTPPOOL_LISTEN_ADDR", "%q is not host:port: %v", c.ListenAddr, err)
 	}
+	c.checkAccess(add)
 	switch {
 	case demo:
 	case c.UpstreamAddr == "":
@@ -330,23 +348,6 @@ func joinErrors(errs []error) error {
 	return errors.New(strings.Join(msgs, "; "))
 }
 
-// checkListenAddr refuses addresses beyond loopback unless allowed: the
-// proxy relays as the upstream account for anyone who can connect.
-func checkListenAddr(addr string, allowRemote bool) error {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("%q is not host:port: %v", addr, err)
-	}
-	if allowRemote {
-		return nil
-	}
-	ip := net.ParseIP(host)
-	if host == "localhost" || (ip != nil && ip.IsLoopback()) {
-		return nil
-	}
-	return fmt.Errorf("%q is not a loopback address, and smtppool does not authenticate clients: anyone who reaches it could send mail as the upstream account; set SMTPPOOL_ALLOW_REMOTE_CLIENTS=true if the network is trusted", addr)
-}
-
 func (c *config) rootCAs() (*x509.CertPool, error) {
 	pem, err := os.ReadFile(c.UpstreamCAFile)
 	if err != nil {
@@ -443,6 +444,7 @@ func (c config) LogValue() slog.Value {
 	return slog.GroupValue(
 		slog.String("listen", c.ListenAddr),
 		slog.String("admin", c.AdminAddr),
+		slog.Attr{Key: "access", Value: c.accessDescription()},
 		slog.String("upstream", c.UpstreamAddr),
 		slog.String("upstream_tls", c.UpstreamTLS.String()),
 		slog.String("upstream_auth", c.authDescription()),

@@ -63,6 +63,10 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 		cfg.Hostname = defaultHostname()
 	}
 	logger := newLogger(cfg, stderr)
+	access, err := cfg.accessConfig(logger)
+	if err != nil {
+		return err
+	}
 
 	if demo {
 		up, err := startDemoUpstream(logger)
@@ -92,9 +96,10 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	defer stopRelay()
 	xc := cfg.proxyConfig(logger)
 	xc.Observer = events
+	xc.Access = access
 	srv := proxy.NewServer(relayCtx, p, xc)
 
-	ln, err := proxy.Listen(ctx, cfg.ListenAddr)
+	ln, err := proxy.Listen(ctx, cfg.ListenAddr, cfg.listenConfig(logger))
 	if err != nil {
 		p.Close() // nothing is open yet
 		return fmt.Errorf("SMTPPOOL_LISTEN_ADDR: %w", err)
@@ -109,6 +114,9 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	}
 	defer stopAdmin()
 	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "version", version, "config", cfg)
+	if w := cfg.accessWarning(); w != "" {
+		logger.Warn(w)
+	}
 	if demo {
 		logger.Info("demo: send a message with: swaks --server " + ln.Addr().String() + " --to someone@example.com")
 	}

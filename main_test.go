@@ -109,7 +109,7 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"negative attempts", append(base, "SMTPPOOL_MAX_ATTEMPTS=-1"), "SMTPPOOL_MAX_ATTEMPTS"},
 		{"bad log level", append(base, "SMTPPOOL_LOG_LEVEL=loud"), "SMTPPOOL_LOG_LEVEL"},
 		{"bad log format", append(base, "SMTPPOOL_LOG_FORMAT=xml"), "SMTPPOOL_LOG_FORMAT"},
-		{"remote listener", append(base, "SMTPPOOL_LISTEN_ADDR=0.0.0.0:2525"), "SMTPPOOL_LISTEN_ADDR"},
+		{"listener not host:port", append(base, "SMTPPOOL_LISTEN_ADDR=0.0.0.0"), "SMTPPOOL_LISTEN_ADDR"},
 		{"user without password", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app"), "SMTPPOOL_UPSTREAM_PASSWORD"},
 		{"password without user", append(base, "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret"), "SMTPPOOL_UPSTREAM_USERNAME"},
 		{"credentials in clear text", append(base, "SMTPPOOL_UPSTREAM_USERNAME=app", "SMTPPOOL_UPSTREAM_PASSWORD=pw-s3cret", "SMTPPOOL_UPSTREAM_TLS=none"), "SMTPPOOL_UPSTREAM_TLS"},
@@ -180,8 +180,8 @@ func TestConfigAccepts(t *testing.T) {
 	if cfg.UpstreamPassword != "s3cret" || cfg.UpstreamTLS != pool.TLSStartTLS {
 		t.Errorf("password %q, TLS %v; want the file's password without its newline, and starttls", cfg.UpstreamPassword, cfg.UpstreamTLS)
 	}
-	if _, err := loadConfig([]string{"SMTPPOOL_LISTEN_ADDR=0.0.0.0:2525", "SMTPPOOL_ALLOW_REMOTE_CLIENTS=true"}, true); err != nil {
-		t.Errorf("demo mode with an allowed remote listener: %v", err)
+	if _, err := loadConfig([]string{"SMTPPOOL_LISTEN_ADDR=0.0.0.0:2525", "SMTPPOOL_ALLOWED_NETWORKS=172.16.0.0/12"}, true); err != nil {
+		t.Errorf("demo mode with a remote listener and allowed networks: %v", err)
 	}
 }
 

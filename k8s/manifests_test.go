@@ -456,8 +456,17 @@ func checkPod(t *testing.T, set *manifestSet, d *appsv1.Deployment, sc *corev1.C
 	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() || p != smtpPort {
 		t.Errorf("SMTPPOOL_LISTEN_ADDR=%q: want loopback port %s, reachable only inside the pod", env["SMTPPOOL_LISTEN_ADDR"], smtpPort)
 	}
-	if env["SMTPPOOL_ALLOW_REMOTE_CLIENTS"] != "" {
-		t.Errorf("SMTPPOOL_ALLOW_REMOTE_CLIENTS is set; the sidecar listens on loopback")
+	if _, ok := env["SMTPPOOL_ALLOW_REMOTE_CLIENTS"]; ok {
+		t.Errorf("SMTPPOOL_ALLOW_REMOTE_CLIENTS is set; smtppool no longer has it and refuses to start")
+	}
+	if nets, ok := env["SMTPPOOL_ALLOWED_NETWORKS"]; ok {
+		// Unset, only loopback may connect: the sidecar's one client is in the pod.
+		for _, n := range strings.Split(nets, ",") {
+			ip, _, err := net.ParseCIDR(strings.TrimSpace(n))
+			if err != nil || !ip.IsLoopback() {
+				t.Errorf("SMTPPOOL_ALLOWED_NETWORKS=%q: want loopback networks only, for the chat server in the pod", nets)
+			}
+		}
 	}
 	if env["SMTPPOOL_UPSTREAM_ADDR"] == "" {
 		t.Error("SMTPPOOL_UPSTREAM_ADDR is not set")

@@ -76,6 +76,11 @@ type Config struct {
 	// reply, before it is disconnected; default 5 minutes.
 	ClientTimeout time.Duration
 
+	// Access says what a client must do before it may send (AUTH,
+	// STARTTLS), and whether the log may carry envelope addresses; default
+	// nothing, and only at debug.
+	Access AccessConfig
+
 	// Logger receives transaction events; default discards them.
 	Logger *slog.Logger
 
@@ -193,11 +198,13 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 	s.ReadTimeout = b.cfg.ClientTimeout
 	s.WriteTimeout = b.cfg.ClientTimeout
 	s.ErrorLog = slog.NewLogLogger(b.log.Handler(), slog.LevelWarn)
+	b.cfg.Access.configure(s)
 	return s
 }
 
 // NewSession implements smtp.Backend. go-smtp calls it at the client's
 // first EHLO or HELO, after the greeting was sent.
 func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	return &session{b: b, client: c.Conn().RemoteAddr().String(), conn: clientConnOf(c.Conn())}, nil
+	return &session{b: b, client: c.Conn().RemoteAddr().String(), conn: clientConnOf(c.Conn()),
+		access: newAccessState(c)}, nil
 }

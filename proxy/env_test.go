@@ -29,6 +29,9 @@ type options struct {
 	upstream memsmtp.Options
 	pool     pool.Config
 	proxy    proxy.Config
+	listen   proxy.ListenConfig
+	// listenAddr is where the proxy listens; default 127.0.0.1:0.
+	listenAddr string
 }
 
 func newEnv(t testing.TB, o options) *testEnv {
@@ -59,16 +62,25 @@ func newEnv(t testing.TB, o options) *testEnv {
 	if o.proxy.RetryBackoffMax == 0 {
 		o.proxy.RetryBackoffMax = 5 * time.Millisecond
 	}
-	srv, addr := serve(t, p, o.proxy)
+	if o.listenAddr == "" {
+		o.listenAddr = "127.0.0.1:0"
+	}
+	srv, addr := serveListening(t, p, o.proxy, o.listenAddr, o.listen)
 	return &testEnv{up: up, pool: p, srv: srv, addr: addr}
 }
 
 // serve runs a proxy in front of p on 127.0.0.1:0 until the test ends.
 func serve(t testing.TB, p *pool.Pool, cfg proxy.Config) (*smtp.Server, string) {
 	t.Helper()
+	return serveListening(t, p, cfg, "127.0.0.1:0", proxy.ListenConfig{})
+}
+
+// serveListening is serve on addr, with the listener's settings.
+func serveListening(t testing.TB, p *pool.Pool, cfg proxy.Config, addr string, lc proxy.ListenConfig) (*smtp.Server, string) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := proxy.NewServer(ctx, p, cfg)
-	ln, err := proxy.Listen(ctx, "127.0.0.1:0")
+	ln, err := proxy.Listen(ctx, addr, lc)
 	if err != nil {
 		t.Fatal(err)
 	}

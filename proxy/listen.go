@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,33 +23,196 @@ import (
 // EHLO's leaves in one system call, lets the proxy notice a client that
 // leaves while it waits on the client's behalf, and keeps track of open
 // connections so that a shutdown can close them.
+//
+// It also decides who may connect at all: a client whose address is not in
+// ListenConfig.AllowedNetworks, or one beyond ListenConfig.MaxClientConns
+// open connections, is answered by the Listener itself (554 5.7.1, or 421
+// 4.7.0) and disconnected; Accept never returns it, so the SMTP server
+// never sees it and no session is created.
 type Listener struct {
 	net.Listener
+	cfg   ListenConfig
 	mu    sync.Mutex
 	conns map[*clientConn]struct{}
+
+	refusing           atomic.Int32 // refusals being written now
+	denied, overloaded refusalLog
 }
 
+// ListenConfig says who may connect to a Listener. Every field has a
+// default, used when the field is left at its zero value.
+type ListenConfig struct {
+	// AllowedNetworks are the client addresses that may connect; any other
+	// client gets 554 5.7.1 instead of the greeting and is disconnected.
+	// Default loopback only: 127.0.0.0/8 and ::1/128.
+	AllowedNetworks []netip.Prefix
+
+	// MaxClientConns is the most client connections open at once; a
+	// client beyond it gets 421 4.7.0 instead of the greeting and is
+	// disconnected. Default 1000.
+	MaxClientConns int
+
+	// Logger receives the refusals as warnings, at most one line per kind
+	// every refusalLogInterval (loopback clients outside AllowedNetworks
+	// at debug, each); default discards them.
+	Logger *slog.Logger
+}
+
+// DefaultListenConfig returns the defaults that Listen applies to the
+// fields of a ListenConfig left at their zero value.
+func DefaultListenConfig() ListenConfig {
+	return ListenConfig{
+		AllowedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
+		MaxClientConns:  1000,
+	}
+}
+
+func (c ListenConfig) withDefaults() ListenConfig {
+	d := DefaultListenConfig()
+	if len(c.AllowedNetworks) == 0 {
+		c.AllowedNetworks = d.AllowedNetworks
+	}
+	setDefault(&c.MaxClientConns, d.MaxClientConns)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// The Listener's own replies, sent instead of the greeting.
+const (
+	greetingDenied  = "554 5.7.1 Access denied: this relay does not accept connections from your address\r\n"
+	greetingTooMany = "421 4.7.0 Too many connections; try again later\r\n"
+)
+
 // Listen opens a Listener on the TCP address addr.
-func Listen(ctx context.Context, addr string) (*Listener, error) {
+func Listen(ctx context.Context, addr string, cfg ListenConfig) (*Listener, error) {
 	lc := net.ListenConfig{KeepAlive: -1}
 	l, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
-	return &Listener{Listener: l, conns: map[*clientConn]struct{}{}}, nil
+	return &Listener{Listener: l, cfg: cfg.withDefaults(), conns: map[*clientConn]struct{}{},
+		denied: refusalLog{loopbackAtDebug: true}}, nil
 }
 
-// Accept implements net.Listener.
+// Accept implements net.Listener. It returns only clients that may
+// connect; it answers the others itself, in the background, and goes on
+// accepting.
 func (l *Listener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if !l.allowed(c.RemoteAddr()) {
+			l.refuse(c, greetingDenied, &l.denied, "client refused: its address is not in SMTPPOOL_ALLOWED_NETWORKS")
+			continue
+		}
+		cc := &clientConn{Conn: c, l: l}
+		l.mu.Lock()
+		if len(l.conns) >= l.cfg.MaxClientConns {
+			l.mu.Unlock()
+			l.refuse(c, greetingTooMany, &l.overloaded, "client refused: SMTPPOOL_MAX_CLIENT_CONNS connections are open")
+			continue
+		}
+		l.conns[cc] = struct{}{}
+		l.mu.Unlock()
+		return cc, nil
 	}
-	cc := &clientConn{Conn: c, l: l}
-	l.mu.Lock()
-	l.conns[cc] = struct{}{}
-	l.mu.Unlock()
-	return cc, nil
+}
+
+// allowed reports whether a client at addr may connect.
+func (l *Listener) allowed(addr net.Addr) bool {
+	ip, ok := remoteIP(addr)
+	if !ok {
+		return false
+	}
+	for _, p := range l.cfg.AllowedNetworks {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// remoteIP returns the IP address of a TCP peer, an IPv4-mapped IPv6
+// address as IPv4.
+func remoteIP(addr net.Addr) (netip.Addr, bool) {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return netip.Addr{}, false
+	}
+	ip, ok := netip.AddrFromSlice(ta.IP)
+	return ip.Unmap(), ok
+}
+
+// maxRefusing bounds the refusals written at once; beyond it, a refused
+// client is disconnected without a reply. refuseTimeout bounds each.
+const (
+	maxRefusing   = 256
+	refuseTimeout = 2 * time.Second
+)
+
+// refuse answers c with reply instead of the greeting and closes it, in
+// the background, so that a client that does not read holds up neither
+// Accept nor, for longer than refuseTimeout, anything else. It then waits
+// for the client to close, reading what it sends, so that the reply is not
+// lost to a reset.
+func (l *Listener) refuse(c net.Conn, reply string, rl *refusalLog, msg string) {
+	rl.note(l.cfg.Logger, msg, c.RemoteAddr())
+	if l.refusing.Add(1) > maxRefusing {
+		l.refusing.Add(-1)
+		c.Close()
+		return
+	}
+	go func() {
+		defer l.refusing.Add(-1)
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(refuseTimeout))
+		if _, err := io.WriteString(c, reply); err != nil {
+			return
+		}
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.CloseWrite()
+		}
+		io.Copy(io.Discard, io.LimitReader(c, 4096))
+	}()
+}
+
+// refusalLogInterval is the least time between two log lines of one kind
+// of refusal; the refusals in between are counted in the next line.
+const refusalLogInterval = 10 * time.Second
+
+// refusalLog throttles the log lines of one kind of refusal: a scan or a
+// flood must not flood the log too.
+type refusalLog struct {
+	loopbackAtDebug bool
+
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+// note logs a refusal of client, unless one was logged less than
+// refusalLogInterval ago. With loopbackAtDebug, a loopback client is logged
+// only at debug: with loopback left out of the allowed networks, it is most
+// likely smtppool's own liveness check (CheckAccepting), every few seconds.
+func (r *refusalLog) note(log *slog.Logger, msg string, client net.Addr) {
+	if ip, ok := remoteIP(client); ok && ip.IsLoopback() && r.loopbackAtDebug {
+		log.Debug(msg, "client", client.String())
+		return
+	}
+	r.mu.Lock()
+	if time.Since(r.last) < refusalLogInterval {
+		r.suppressed++
+		r.mu.Unlock()
+		return
+	}
+	suppressed := r.suppressed
+	r.last, r.suppressed = time.Now(), 0
+	r.mu.Unlock()
+	log.Warn(msg, "client", client.String(), "refused_since_last_line", suppressed)
 }
 
 // CloseConnections closes the socket of every open client connection, for
@@ -87,8 +252,9 @@ func (l *Listener) CheckAccepting(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read the SMTP greeting: %w", err)
 	}
-	// A busy smtppool may refuse with 421; its accept loop still works.
-	if !strings.HasPrefix(greeting, "220") && !strings.HasPrefix(greeting, "421") {
+	// A busy smtppool may refuse with 421, and one whose allowed networks
+	// leave out loopback with 554; its accept loop still works.
+	if !strings.HasPrefix(greeting, "220") && !strings.HasPrefix(greeting, "421") && !strings.HasPrefix(greeting, "554") {
 		return fmt.Errorf("unexpected SMTP greeting %q", strings.TrimSpace(greeting))
 	}
 	c.Write([]byte("QUIT\r\n"))
@@ -139,7 +305,8 @@ type clientConn struct {
 	stashErr     error      // the error that ended a watch, returned after stash
 	readDeadline time.Time  // as last set by the server
 
-	eof atomic.Bool // the client has closed its side of the connection
+	eof    atomic.Bool // the client has closed its side of the connection
+	hungUp atomic.Bool // see hangUp
 }
 
 // clientConnOf returns the clientConn under a go-smtp connection's
@@ -165,6 +332,9 @@ func (c *clientConn) Write(b []byte) (int, error) {
 func (c *clientConn) Read(b []byte) (int, error) {
 	if err := c.flush(); err != nil {
 		return 0, err
+	}
+	if c.hungUp.Load() {
+		return 0, io.EOF
 	}
 	c.rmu.Lock()
 	switch {
@@ -201,6 +371,11 @@ func (c *clientConn) SetDeadline(t time.Time) error {
 	c.rmu.Unlock()
 	return c.Conn.SetDeadline(t)
 }
+
+// hangUp ends the connection once the reply being written has been sent:
+// the server's next read finds the end of the stream, and go-smtp closes
+// the connection.
+func (c *clientConn) hangUp() { c.hungUp.Store(true) }
 
 // closedByClient reports whether the client has closed its side of the
 // connection (it may still read replies).
@@ -250,8 +425,19 @@ func (c *clientConn) watch(gone func()) (stop func()) {
 	}
 }
 
+// closeFlushTimeout bounds the write of what is held when the connection
+// closes: the last reply (221 to QUIT, say) and, over TLS, the close_notify
+// alert. crypto/tls sets the write deadline to the present once it has
+// written that alert, which here is only held, so Close sets its own.
+const closeFlushTimeout = 2 * time.Second
+
 func (c *clientConn) Close() error {
-	c.flush()
+	c.wmu.Lock()
+	if len(c.held) > 0 {
+		c.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
+		c.flushLocked()
+	}
+	c.wmu.Unlock()
 	c.l.forget(c)
 	return c.Conn.Close()
 }

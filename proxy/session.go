@@ -29,6 +29,7 @@ type session struct {
 	b      *backend
 	client string      // remote address, for logs
 	conn   *clientConn // the client's connection, or nil if not from a Listener
+	access accessState // TLS, loopback and AUTH: see access.go
 
 	mu sync.Mutex
 	tx *transaction // the current transaction, or nil when idle
@@ -37,6 +38,9 @@ type session struct {
 // Mail starts a transaction: it borrows an upstream session and relays
 // MAIL FROM, waiting while every session is busy.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	if err := s.mayMail(); err != nil {
+		return err
+	}
 	if !validArgument(from) {
 		return replyBadArgument
 	}

@@ -416,8 +416,9 @@ func (tx *transaction) logEnd() {
 		attrs = append(attrs, slog.Int("reply", tx.lastCode))
 	}
 	if tx.upstreamText != "" {
-		attrs = append(attrs, slog.String("upstream_reply", tx.upstreamText))
+		attrs = append(attrs, slog.String("upstream_reply", tx.s.b.masked(tx.upstreamText)))
 	}
+	attrs = append(attrs, tx.addressAttrs()...)
 	log.LogAttrs(context.Background(), slog.LevelInfo, "transaction", attrs...)
 }
 
@@ -437,6 +438,6 @@ func resultOf(outcome string, lastCode int) string {
 
 func (tx *transaction) logFailure(cmd command, err error, reply *smtp.SMTPError) {
 	tx.s.b.log.Warn("upstream failure, client told", "client", tx.s.client, "command", string(cmd),
-		"attempts", tx.attempts, "reply", reply.Code, "err", err,
+		"attempts", tx.attempts, "reply", reply.Code, "err", tx.s.b.masked(err.Error()),
 		"ambiguous", errors.Is(err, pool.ErrNoReply))
 }
