@@ -324,6 +324,12 @@ func TestRunRelaysAndQuitsUpstreamSessionsOnShutdown(t *testing.T) {
 	if strings.Contains(log.String(), "pw-s3cret") {
 		t.Errorf("the log contains the password")
 	}
+	// Durations are logged as people write them, not in nanoseconds.
+	for _, want := range []string{`"retry_timeout":"2m0s"`, `"shutdown_timeout":"20s"`, `"timeout":"20s"`} {
+		if !strings.Contains(log.String(), want) {
+			t.Errorf("the log lacks %s", want)
+		}
+	}
 }
 
 // TestShutdownClosesClientsThatOutstayTheTimeout: a client that stays in a

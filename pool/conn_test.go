@@ -90,6 +90,13 @@ func TestInvalidArgumentLeavesTheSessionHealthy(t *testing.T) {
 	if err != nil || reply == "" {
 		t.Fatalf("Data after a refused argument: %q, %v", reply, err)
 	}
+	first := c.ID()
+	c.Release()
+	again := acquire(t, p)
+	defer again.Release()
+	if again.ID() != first || p.Stat().ClosedBroken != 0 {
+		t.Errorf("session %d was not reused after refused arguments (got %d; %d closed broken)", first, again.ID(), p.Stat().ClosedBroken)
+	}
 }
 
 // TestAny2xxAtEndOfDataIsAcceptance: go-smtp's client wants exactly 250;

@@ -304,6 +304,7 @@ type clientConn struct {
 	stash        []byte     // read by a watch, not yet by the server
 	stashErr     error      // the error that ended a watch, returned after stash
 	readDeadline time.Time  // as last set by the server
+	tail         []byte     // the last bytes the client sent
 
 	eof    atomic.Bool // the client has closed its side of the connection
 	hungUp atomic.Bool // see hangUp
@@ -350,10 +351,33 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	}
 	c.rmu.Unlock()
 	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.rmu.Lock()
+		c.keepTail(b[:n])
+		c.rmu.Unlock()
+	}
 	if err == io.EOF {
 		c.eof.Store(true)
 	}
 	return n, err
+}
+
+// keepTail remembers the last bytes the client sent; rmu must be held.
+func (c *clientConn) keepTail(b []byte) {
+	c.tail = append(c.tail, b[max(0, len(b)-len(quitLine)):]...)
+	if extra := len(c.tail) - len(quitLine); extra > 0 {
+		c.tail = append(c.tail[:0], c.tail[extra:]...)
+	}
+}
+
+// quitLine is what a client's stream ends with when it pipelined a whole
+// session.
+const quitLine = "QUIT\r\n"
+
+// endsWithQuit reports whether the client's stream so far ends with QUIT;
+// rmu must be held.
+func (c *clientConn) endsWithQuit() bool {
+	return strings.EqualFold(string(c.tail), quitLine) || strings.HasSuffix(strings.ToUpper(string(c.tail)), "QUIT\n")
 }
 
 // SetReadDeadline records the server's deadline, which a watch borrows.
@@ -395,6 +419,8 @@ func (c *clientConn) watch(gone func()) (stop func()) {
 			n, err := c.Conn.Read(buf)
 			c.rmu.Lock()
 			c.stash = append(c.stash, buf[:n]...)
+			c.keepTail(buf[:n])
+			quitLast := c.endsWithQuit()
 			full := len(c.stash) >= maxStashedBytes
 			var netErr net.Error
 			timeout := errors.As(err, &netErr) && netErr.Timeout()
@@ -404,8 +430,13 @@ func (c *clientConn) watch(gone func()) (stop func()) {
 			c.rmu.Unlock()
 			switch {
 			case err == io.EOF:
+				// A client that pipelined its commands up to QUIT and
+				// then closed its side still waits for the replies; any
+				// other that closes while the proxy waits has gone.
 				c.eof.Store(true)
-				gone()
+				if !quitLast {
+					gone()
+				}
 				return
 			case err != nil && !(timeout || stopping.Load()):
 				gone()

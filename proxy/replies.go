@@ -29,6 +29,8 @@ var (
 		Message: "Transaction took too long; start again"}
 	replyReplayRefused = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Upstream refused on a retry what it had accepted; try the whole message again later"}
+	replyMaybeDelivered = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
+		Message: "Upstream refused a resend of a message whose first sending it may have kept; see smtppool's log"}
 	replyBadArgument = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
 		Message: "Address contains CR, LF or NUL"}
 	replyChunkingUnverifiable = &smtp.SMTPError{Code: 502, EnhancedCode: smtp.EnhancedCode{5, 5, 1},

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -153,7 +154,8 @@ func TestQuotedLocalPartKeepsItsQuotes(t *testing.T) {
 // TestClientHearsTheUpstreamsReplyText: the 250 carries the upstream's own
 // text, with its queue id, not a made-up "queued".
 func TestClientHearsTheUpstreamsReplyText(t *testing.T) {
-	e := newEnv(t, options{})
+	var log syncBuffer
+	e := newEnv(t, options{proxy: proxy.Config{Logger: slog.New(slog.NewJSONHandler(&log, nil))}})
 	e.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Reply: reply(250, [3]int{2, 0, 0}, "Ok: queued as 4XyZ123")})
 	c := e.dial(t)
 	if err := c.Mail("app@example.com", nil); err != nil {
@@ -173,6 +175,45 @@ func TestClientHearsTheUpstreamsReplyText(t *testing.T) {
 	}
 	if !strings.Contains(resp.StatusText, "Ok: queued as 4XyZ123") {
 		t.Errorf("client heard %q, want the upstream's text with its queue id", resp.StatusText)
+	}
+	c.Quit() // ends the transaction, which logs it
+	memsmtp.WaitFor(t, "the transaction's log line", func() bool { return strings.Contains(log.String(), `"msg":"transaction"`) })
+	if line := log.String(); !strings.Contains(line, `"level":"INFO"`) || !strings.Contains(line, "4XyZ123") {
+		t.Errorf("the transaction's info line lacks the upstream's queue id: %s", line)
+	}
+}
+
+// TestBDATClientLeavingWhileDataWaitsStrandsNothing: the upstream session
+// of a transaction is lost at a recipient, so that BDAT's Data, on
+// go-smtp's goroutine, must wait for the only session, held by another
+// client; the BDAT client leaves meanwhile. When the session frees up, the
+// transaction that ended must not take it and keep it.
+func TestBDATClientLeavingWhileDataWaitsStrandsNothing(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}, proxy: proxy.Config{MaxAttempts: 2, AcquireTimeout: 10 * time.Second}})
+	// RCPT a is accepted; RCPT b drops the connection, twice (with the
+	// replay of a between): the client is told 451 for b, and the
+	// transaction is left without an upstream session.
+	e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Drop: true}, memsmtp.Fault{}, memsmtp.Fault{Drop: true})
+	c := rawDial(t, e.addr)
+	c.must("EHLO client.test", 250)
+	c.must("MAIL FROM:<app@example.com>", 250)
+	c.must("RCPT TO:<a@example.com>", 250)
+	if code, msg := c.cmd("RCPT TO:<b@example.com>"); code/100 != 4 {
+		t.Fatalf("RCPT b: %d %s, want a 4xx after the drops", code, msg)
+	}
+	holder := holdSession(t, e)
+	c.must("BDAT 0", 250) // Data now waits for the session the holder has
+	memsmtp.WaitFor(t, "BDAT's Data to queue for the session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
+	c.conn.Close()
+	memsmtp.WaitFor(t, "the departed client to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+	finish(t, holder, "user@example.com", message("held"))
+	if err := holder.Quit(); err != nil {
+		t.Fatal(err)
+	}
+	memsmtp.WaitFor(t, "the session to be free", func() bool { return e.pool.Stat().AcquiredConns == 0 })
+	next := e.dial(t)
+	if err := send(next, "app@example.com", []string{"user@example.com"}, message("next")); err != nil {
+		t.Fatalf("the next client: %v", err)
 	}
 }
 

@@ -47,17 +47,20 @@ type transaction struct {
 	msg       messageBuffer
 	reserved  int64 // bytes of the buffer budget held for msg
 
-	start        time.Time
-	attempts     int             // upstream sessions tried
-	failures     int             // transient failures so far
-	bytes        int             // size of the message read
-	upID         uint64          // the last upstream session used, for the log
-	upAddr       string          // and its upstream entry
-	firstFailure time.Time       // the first transient failure, which starts the retry window
-	finalReply   *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
-	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
-	lastCode     int             // the client's last reply code, for the log
-	upstreamText string          // the upstream's reply to the message, with its queue id
+	start    time.Time
+	attempts int    // upstream sessions tried
+	failures int    // transient failures so far
+	bytes    int    // size of the message read
+	upID     uint64 // the last upstream session used, for the log
+	upAddr   string // and its upstream entry
+	// sentUnanswered says a try sent the whole message and lost the reply
+	// (pool.ErrNoReply): the upstream may already hold a copy.
+	sentUnanswered bool
+	firstFailure   time.Time       // the first transient failure, which starts the retry window
+	finalReply     *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
+	outcome        string          // for the log: delivered, rejected, failed, abandoned, ...
+	lastCode       int             // the client's last reply code, for the log
+	upstreamText   string          // the upstream's reply to the message, with its queue id
 }
 
 type recipient struct {
@@ -127,6 +130,10 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 			delay = b.cfg.RetryBackoffMax // the upstream asked to slow down
 		}
 		delay = min(delay, tx.retryTimeLeft())
+		if errors.Is(err, pool.ErrNoReply) {
+			b.log.Warn("upstream lost its reply to a whole message; sending it again, which may deliver it twice",
+				"client", tx.s.client, "upstream_conn", tx.upID, "ambiguous", true)
+		}
 		b.log.Debug("transient upstream failure, retrying", "client", tx.s.client,
 			"command", string(cmd), "failures", tx.failures, "delay", delay.String(),
 			"same_session", v.sameSession, "err", err, "ambiguous", errors.Is(err, pool.ErrNoReply))
@@ -237,6 +244,15 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 		// for it, and this transaction cannot succeed.
 		tx.finalReply = replyReplayRefused
 		return verdict{reply: replyReplayRefused}
+	case tx.sentUnanswered && !v.retry && v.reply.Code >= 500:
+		// An earlier try sent the whole message and lost the reply: the
+		// upstream may hold it. A permanent refusal now must not tell the
+		// client that nothing was delivered.
+		tx.finalReply = replyMaybeDelivered
+		return verdict{reply: replyMaybeDelivered}
+	}
+	if errors.Is(err, pool.ErrNoReply) {
+		tx.sentUnanswered = true
 	}
 	return v
 }
