@@ -212,7 +212,7 @@ func (p *Pool) destroy(res *puddle.Resource[*session], reason closeReason) {
 	s := res.Value()
 	s.closeReason = reason
 	p.log.Debug("upstream session closing", "session", s.id, "reason", reason.String(),
-		"messages", s.messages, "age", time.Since(res.CreationTime()).Round(time.Millisecond))
+		"messages", s.messages, "age", time.Since(res.CreationTime()).Round(time.Millisecond).String())
 	res.Destroy()
 }
 

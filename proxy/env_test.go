@@ -65,6 +65,9 @@ func newEnv(t testing.TB, o options) *testEnv {
 	if o.listenAddr == "" {
 		o.listenAddr = "127.0.0.1:0"
 	}
+	if o.listen.MaxClientConns == 0 {
+		o.listen.MaxClientConns = 2000 // room for the 1,070 clients of the idle-clients fault test
+	}
 	srv, addr := serveListening(t, p, o.proxy, o.listenAddr, o.listen)
 	return &testEnv{up: up, pool: p, srv: srv, addr: addr}
 }
@@ -72,7 +75,7 @@ func newEnv(t testing.TB, o options) *testEnv {
 // serve runs a proxy in front of p on 127.0.0.1:0 until the test ends.
 func serve(t testing.TB, p *pool.Pool, cfg proxy.Config) (*smtp.Server, string) {
 	t.Helper()
-	return serveListening(t, p, cfg, "127.0.0.1:0", proxy.ListenConfig{})
+	return serveListening(t, p, cfg, "127.0.0.1:0", proxy.ListenConfig{MaxClientConns: 2000})
 }
 
 // serveListening is serve on addr, with the listener's settings.

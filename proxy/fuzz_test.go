@@ -222,7 +222,7 @@ func startFuzzEnv(t *testing.T, faults []byte) (e *fuzzEnv, strict bool) {
 		Logger:             slog.New(slog.NewTextHandler(e.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
 	e.srv.ErrorLog = log.New(e.errLog, "smtppool: ", 0)
-	ln, err := proxy.Listen(ctx, "127.0.0.1:0")
+	ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -98,6 +98,14 @@ func TestUpstreamReplyReachesClient(t *testing.T) {
 			wantStep: "end of DATA", want: reply(451, [3]int{4, 4, 2}, "Timeout, closing"), wantConns: 4,
 		},
 		{
+			// The first try may have delivered the message: a permanent
+			// refusal of the resend must not tell the client it was not.
+			name:     "5xx to the resend after a lost reply is a 4xx",
+			faults:   map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: {{Drop: true, Deliver: true}, {Reply: reply(554, [3]int{5, 6, 0}, "Duplicate")}}},
+			wantStep: "end of DATA", want: reply(451, [3]int{4, 3, 0}, "Upstream refused a resend of a message whose first sending it may have kept; see smtppool's log"),
+			wantCopies: 1, wantConns: 2,
+		},
+		{
 			// go-smtp's client expects exactly 250; resending after a 251
 			// would deliver twice.
 			name:       "any 2xx at end of DATA accepts the message",

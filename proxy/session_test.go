@@ -362,3 +362,25 @@ func TestBareLineFeedsCannotSmuggleMessages(t *testing.T) {
 		t.Errorf("upstream message %q, want %q", got, want)
 	}
 }
+
+// TestPipelinedClientThatClosesItsSideIsServed: a client that writes its
+// whole session up to QUIT in one go and closes its side still waits for
+// the replies; it is not taken for one that left.
+func TestPipelinedClientThatClosesItsSideIsServed(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Mail, memsmtp.Fault{Delay: 100 * time.Millisecond}) // the proxy waits, watching the client
+	c := rawDial(t, e.addr)
+	c.must("EHLO client.test", 250)
+	c.write("MAIL FROM:<app@example.com>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n" + message("halfclose") + ".\r\nQUIT\r\n")
+	if err := c.conn.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []int{250, 250, 354, 250, 221} {
+		if code, msg := c.reply(); code != want {
+			t.Fatalf("reply %d %s, want %d", code, msg, want)
+		}
+	}
+	if n := e.up.Stats().Messages; n != 1 {
+		t.Errorf("upstream has %d messages, want 1", n)
+	}
+}
