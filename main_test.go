@@ -9,7 +9,6 @@ import (
 	"reflect"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -95,11 +94,7 @@ func TestReadmeTableMatchesUsage(t *testing.T) {
 
 func TestConfigErrorsNameTheVariable(t *testing.T) {
 	base := []string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}
-	tests := []struct {
-		name string
-		env  []string
-		want string // the variable named in the error
-	}{
+	tests := []configError{
 		{"missing upstream", nil, "SMTPPOOL_UPSTREAM_ADDR"},
 		{"upstream without port", []string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example"}, "SMTPPOOL_UPSTREAM_ADDR"},
 		{"bad TLS mode", append(base, "SMTPPOOL_UPSTREAM_TLS=maybe"), "SMTPPOOL_UPSTREAM_TLS"},
@@ -140,6 +135,21 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"OAuth2 settings without xoauth2", append(base, "SMTPPOOL_OAUTH2_TOKEN_FILE=/tmp/t"), "SMTPPOOL_UPSTREAM_AUTH"},
 		{"client secret twice", append(base, "SMTPPOOL_OAUTH2_CLIENT_SECRET=pw-s3cret", "SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE=/etc/hostname"), "SMTPPOOL_OAUTH2_CLIENT_SECRET_FILE"},
 	}
+	checkConfigErrors(t, tests)
+}
+
+// configError is an environment that must not load, and the variable its
+// error must name.
+type configError struct {
+	name string
+	env  []string
+	want string
+}
+
+// checkConfigErrors checks that each environment fails to load with one
+// line that names the variable and never shows the password.
+func checkConfigErrors(t *testing.T, tests []configError) {
+	t.Helper()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := loadConfig(tt.env, false)
@@ -209,30 +219,12 @@ func TestUsageListsEveryVariableWithItsDefault(t *testing.T) {
 	}
 }
 
-// syncBuffer collects a process's log while it runs.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // startRun runs the program with environ and waits for its listener; it
 // returns the listen address, the log, and a stop function that returns
 // run's error.
-func startRun(t *testing.T, args, environ []string) (addr string, log *syncBuffer, stop func() error) {
+func startRun(t *testing.T, args, environ []string) (addr string, log *memsmtp.LogBuffer, stop func() error) {
 	t.Helper()
-	log = &syncBuffer{}
+	log = &memsmtp.LogBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {

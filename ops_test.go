@@ -16,7 +16,7 @@ import (
 )
 
 // adminAddr reads the admin endpoints' address from the log.
-func adminAddr(t *testing.T, log *syncBuffer) string {
+func adminAddr(t *testing.T, log *memsmtp.LogBuffer) string {
 	t.Helper()
 	m := regexp.MustCompile(`"msg":"admin endpoints listening","addr":"([^"]+)"`).FindStringSubmatch(log.String())
 	if m == nil {

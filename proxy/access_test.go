@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -16,7 +15,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -85,7 +83,7 @@ func (l *countingListener) Accept() (net.Conn, error) {
 // that never read their refusal do not hold up the others.
 func TestClientOutsideAllowedNetworksGets554(t *testing.T) {
 	e := newEnv(t, options{})
-	var logged syncBuffer
+	var logged memsmtp.LogBuffer
 	ln, err := proxy.Listen(context.Background(), "127.0.0.1:0", proxy.ListenConfig{
 		AllowedNetworks: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")},
 		Logger:          slog.New(slog.NewJSONHandler(&logged, &slog.HandlerOptions{Level: slog.LevelDebug})),
@@ -141,7 +139,7 @@ func TestClientOutsideAllowedNetworksGets554(t *testing.T) {
 // instead of the greeting and is disconnected, with one warning for many;
 // once one closes, a new one is greeted.
 func TestMaxClientConns(t *testing.T) {
-	var logged syncBuffer
+	var logged memsmtp.LogBuffer
 	e := newEnv(t, options{listen: proxy.ListenConfig{MaxClientConns: 3, Logger: slog.New(slog.NewJSONHandler(&logged, nil))}})
 	var open []*rawClient
 	for range 3 {
@@ -182,7 +180,7 @@ func TestMaxClientConns(t *testing.T) {
 // the right one, by PLAIN and by LOGIN, lets the message through. The
 // password never reaches the log.
 func TestClientAuthRequired(t *testing.T) {
-	var logged syncBuffer
+	var logged memsmtp.LogBuffer
 	e := newEnv(t, options{proxy: proxy.Config{Access: clientAuth(),
 		Logger: slog.New(slog.NewJSONHandler(&logged, &slog.HandlerOptions{Level: slog.LevelDebug}))}})
 
@@ -371,7 +369,7 @@ func TestStartTLSAndRequireTLS(t *testing.T) {
 // certificate in service.
 func TestCertificateReloadedWhenFilesChange(t *testing.T) {
 	files := newCertFiles(t, "127.0.0.1", "localhost")
-	var logged syncBuffer
+	var logged memsmtp.LogBuffer
 	r := files.reloader(t, slog.New(slog.NewJSONHandler(&logged, nil)))
 	r.SetCheckInterval(10 * time.Millisecond)
 	e := newEnv(t, options{proxy: proxy.Config{Access: proxy.AccessConfig{TLSConfig: r.TLSConfig()}}})
@@ -427,7 +425,7 @@ func TestAddressesOnlyAtDebugOrWhenAsked(t *testing.T) {
 		{"debug", slog.LevelDebug, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			var logged syncBuffer
+			var logged memsmtp.LogBuffer
 			e := newEnv(t, options{proxy: proxy.Config{Access: proxy.AccessConfig{LogAddresses: tt.addresses},
 				Logger: slog.New(slog.NewJSONHandler(&logged, &slog.HandlerOptions{Level: tt.level}))}})
 			e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1},
@@ -520,22 +518,4 @@ func (f *certFiles) reloader(t *testing.T, logger *slog.Logger) *proxy.CertReloa
 		t.Fatal(err)
 	}
 	return r
-}
-
-// syncBuffer collects a log written from several goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

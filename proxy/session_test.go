@@ -154,7 +154,7 @@ func TestQuotedLocalPartKeepsItsQuotes(t *testing.T) {
 // TestClientHearsTheUpstreamsReplyText: the 250 carries the upstream's own
 // text, with its queue id, not a made-up "queued".
 func TestClientHearsTheUpstreamsReplyText(t *testing.T) {
-	var log syncBuffer
+	var log memsmtp.LogBuffer
 	e := newEnv(t, options{proxy: proxy.Config{Logger: slog.New(slog.NewJSONHandler(&log, nil))}})
 	e.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Reply: reply(250, [3]int{2, 0, 0}, "Ok: queued as 4XyZ123")})
 	c := e.dial(t)

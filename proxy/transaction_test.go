@@ -185,23 +185,7 @@ func TestBufferBudgetHoldsWhileRetrying(t *testing.T) {
 	e := newEnv(t, options{pool: pool.Config{MaxConns: 1},
 		proxy: proxy.Config{MaxMessageBytes: maxBytes, RetryBackoff: 20 * time.Millisecond, RetryBackoffMax: 50 * time.Millisecond}})
 	e.up.Inject(memsmtp.Data, memsmtp.Repeat(memsmtp.Fault{Drop: true}, 2*clients)...)
-	errs := make(chan error, clients)
-	for i := range clients {
-		go func() {
-			c, err := smtp.Dial(e.addr)
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer c.Close()
-			errs <- send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint("budget", i)))
-		}()
-	}
-	for range clients {
-		if err := <-errs; err != nil {
-			t.Errorf("send: %v", err)
-		}
-	}
+	sendAtOnce(t, e.addr, clients, "budget")
 	if n := e.up.Stats().Messages; n != clients {
 		t.Errorf("upstream has %d messages, want %d", n, clients)
 	}
@@ -236,23 +220,7 @@ func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
 	const clients = 40
 	e := newEnv(t, options{upstream: memsmtp.Options{SessionLimit: 3}, pool: pool.Config{MaxConns: 10},
 		proxy: proxy.Config{MaxAttempts: 2}})
-	errs := make(chan error, clients)
-	for i := range clients {
-		go func() {
-			c, err := smtp.Dial(e.addr)
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer c.Close()
-			errs <- send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint("limit", i)))
-		}()
-	}
-	for range clients {
-		if err := <-errs; err != nil {
-			t.Errorf("send: %v", err)
-		}
-	}
+	sendAtOnce(t, e.addr, clients, "limit")
 	st := e.pool.Stat()
 	if n := e.up.Stats().Messages; n != clients {
 		t.Errorf("upstream has %d messages, want %d", n, clients)
@@ -261,4 +229,27 @@ func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
 		t.Errorf("effective cap settled at %d, want 3", st.EffectiveMaxConns)
 	}
 	t.Logf("upstream connections: %d, most open at once: %d; pool: %+v", e.up.Stats().Conns, e.up.Stats().MaxOpen, st)
+}
+
+// sendAtOnce sends n messages at once, each from its own client
+// connection, and fails the test for each that is not accepted.
+func sendAtOnce(t *testing.T, addr string, n int, prefix string) {
+	t.Helper()
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			c, err := smtp.Dial(addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			errs <- send(c, "app@example.com", []string{"user@example.com"}, message(fmt.Sprint(prefix, i)))
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Errorf("send: %v", err)
+		}
+	}
 }
