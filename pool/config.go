@@ -80,9 +80,8 @@ type Config struct {
 	// false, so that credentials never cross the network in clear text.
 	AllowInsecureAuth bool
 
-	// LocalName is the host name sent in EHLO; default "localhost". (The
-	// EHLO before STARTTLS always says "localhost": go-smtp's client offers
-	// no way to change it.)
+	// LocalName is the host name sent in EHLO, before and after STARTTLS;
+	// default "localhost".
 	LocalName string
 
 	// MaxConns is the hard cap on sessions open to the upstream at any

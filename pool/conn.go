@@ -7,14 +7,16 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/emersion/go-smtp"
 	"github.com/jackc/puddle/v2"
+
+	"github.com/smtppool/smtppool/pool/internal/smtpclient"
 )
 
 // Conn is a session lent out by Acquire for one mail transaction. Its
-// methods send one command each and return the upstream's rejection as an
+// methods send one command each (Envelope and Data a few, pipelined when
+// the upstream allows) and return the upstream's rejection as an
 // error that wraps *smtp.SMTPError; an error wrapping ErrInvalidArgument is
 // refused locally; any other error is a failure of the connection. Each
 // method gives up when its context ends, and the session is then broken. A
@@ -58,13 +60,20 @@ func (c *Conn) MaxMessageSize() (size int64, ok bool) {
 	return n, true
 }
 
-// checkArgument refuses what go-smtp's client would refuse locally (CR and
-// LF) and NUL, before anything is sent.
+// checkArgument refuses CR, LF and NUL in a command's argument, before
+// anything is sent.
 func checkArgument(cmd, arg string) error {
 	if strings.ContainsAny(arg, "\r\n\x00") {
 		return fmt.Errorf("upstream %s: %w", cmd, ErrInvalidArgument)
 	}
 	return nil
+}
+
+// Pipelining reports whether the upstream offers PIPELINING (RFC 2920),
+// with which Envelope costs one round trip.
+func (c *Conn) Pipelining() bool {
+	ok, _ := c.Extension("PIPELINING")
+	return ok
 }
 
 // Mail starts a transaction with MAIL FROM.
@@ -73,9 +82,14 @@ func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) er
 		return err
 	}
 	s := c.res.Value()
+	line, err := s.client.MailLine(from, opts)
+	if err != nil {
+		return s.fail(ctx, "MAIL", err)
+	}
 	s.dirty = true
 	defer s.bind(ctx)()
-	return c.done(ctx, "MAIL", s.client.Mail(from, opts), 250)
+	_, _, err = s.client.Cmd(250, line)
+	return c.done(ctx, "MAIL", err, 250)
 }
 
 // Rcpt adds a recipient with RCPT TO.
@@ -84,45 +98,131 @@ func (c *Conn) Rcpt(ctx context.Context, to string, opts *smtp.RcptOptions) erro
 		return err
 	}
 	s := c.res.Value()
+	line, err := s.client.RcptLine(to, opts)
+	if err != nil {
+		return s.fail(ctx, "RCPT", err)
+	}
 	defer s.bind(ctx)()
-	return c.done(ctx, "RCPT", s.client.Rcpt(to, opts), 250)
+	code, _, err := s.client.Cmd(25, line)
+	return c.done(ctx, "RCPT", err, code)
 }
 
-// Data sends DATA, then msg, then the final dot, and waits for the
-// upstream's verdict on the message. It returns the text of the upstream's
-// 2xx reply (often with its queue id) when it accepted the message. msg
-// reads the message as received, lines ending in CRLF, without
-// dot-stuffing. When the connection fails after the final dot was written
-// and before the reply, the error wraps ErrNoReply.
+// Recipient is one RCPT TO of an envelope.
+type Recipient struct {
+	Addr string
+	Opts *smtp.RcptOptions
+}
+
+// Envelope starts a transaction with MAIL FROM and adds rcpts with RCPT
+// TO. When the upstream offers PIPELINING, every command goes out in one
+// write and the replies are read after it: one round trip. Otherwise the
+// commands go one at a time, and none follows a refused MAIL.
+//
+// err is MAIL's refusal, or a failure of the connection; the
+// recipients' replies are then not known. Otherwise rcptErrs holds each
+// recipient's refusal, or nil where it was accepted. Refusals are errors
+// as Rcpt returns them.
+func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions, rcpts []Recipient) (rcptErrs []error, err error) {
+	if err := checkArgument("MAIL", from); err != nil {
+		return nil, err
+	}
+	s := c.res.Value()
+	cmds := make([]smtpclient.Command, 0, 1+len(rcpts))
+	line, err := s.client.MailLine(from, opts)
+	if err != nil {
+		return nil, s.fail(ctx, "MAIL", err)
+	}
+	cmds = append(cmds, smtpclient.Command{Line: line, Expect: 250})
+	for _, r := range rcpts {
+		if err := checkArgument("RCPT", r.Addr); err != nil {
+			return nil, err
+		}
+		line, err := s.client.RcptLine(r.Addr, r.Opts)
+		if err != nil {
+			return nil, s.fail(ctx, "RCPT", err)
+		}
+		cmds = append(cmds, smtpclient.Command{Line: line, Expect: 25})
+	}
+	if !c.Pipelining() {
+		if err := c.Mail(ctx, from, opts); err != nil {
+			return nil, err
+		}
+		rcptErrs = make([]error, len(rcpts))
+		for i, r := range rcpts {
+			rcptErrs[i] = c.Rcpt(ctx, r.Addr, r.Opts)
+			if rcptErrs[i] != nil && c.res.Value().broken {
+				return nil, rcptErrs[i]
+			}
+		}
+		return rcptErrs, nil
+	}
+	s.dirty = true
+	defer s.bind(ctx)()
+	replies, err := s.client.Pipeline(cmds)
+	if len(replies) > 0 && replies[0].Err != nil {
+		// A refused MAIL makes the recipients' replies meaningless (503,
+		// typically): MAIL's is the one that counts.
+		return nil, c.done(ctx, "MAIL", replies[0].Err, 0)
+	}
+	if err != nil {
+		if len(replies) == 0 {
+			return nil, c.done(ctx, "MAIL", err, 0)
+		}
+		return nil, c.done(ctx, "RCPT", err, 0)
+	}
+	c.done(ctx, "MAIL", nil, 250)
+	rcptErrs = make([]error, len(rcpts))
+	for i, r := range replies[1:] {
+		rcptErrs[i] = c.done(ctx, "RCPT", r.Err, r.Code)
+	}
+	if s.broken { // a 421 to a recipient: the session is over
+		for _, e := range rcptErrs {
+			if e != nil && isReplyCode(e, 421) {
+				return nil, e
+			}
+		}
+	}
+	return rcptErrs, nil
+}
+
+// isReplyCode reports whether err carries an upstream reply with code.
+func isReplyCode(err error, code int) bool {
+	var smtpErr *smtp.SMTPError
+	return errors.As(err, &smtpErr) && smtpErr.Code == code
+}
+
+// Data sends the message and waits for the upstream's verdict on it. It
+// returns the text of the upstream's 2xx reply (often with its queue id)
+// when it accepted the message. msg reads the message as received, lines
+// ending in CRLF, without dot-stuffing; a bare LF is sent as CRLF.
+//
+// When the upstream offers CHUNKING (RFC 3030) the message goes as BDAT,
+// one write and one reply for a message of up to 64 KiB; otherwise as
+// DATA, the message after the 354, then the final dot. When the
+// connection fails after the whole message was written and before the
+// reply, the error wraps ErrNoReply.
 func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error) {
 	s := c.res.Value()
 	defer s.bind(ctx)()
-	w, err := s.client.Data()
-	if err := c.done(ctx, "DATA", err, 354); err != nil {
-		return "", err
+	var sent bool
+	if ok, _ := c.Extension("CHUNKING"); ok {
+		reply, sent, err = s.client.BDAT(msg, c.Pipelining())
+	} else {
+		if err := c.done(ctx, "DATA", s.client.StartData(), 354); err != nil {
+			return "", err
+		}
+		reply, sent, err = s.client.SendData(msg)
 	}
-	// go-smtp bounds the wait for each reply, not the writing of the
-	// message: an upstream that stops reading would block it for ever.
-	s.conn.SetWriteDeadline(time.Now().Add(c.pool.cfg.DataTimeout))
-	s.conn.writeFailed = false
-	if _, err := io.Copy(w, msg); err != nil {
-		s.broken = true
-		return "", s.fail(ctx, "DATA", fmt.Errorf("write message: %w", err))
-	}
-	resp, err := w.CloseWithResponse()
 	var smtpErr *smtp.SMTPError
 	switch {
 	case err == nil:
-		reply = resp.StatusText
-	case errors.As(err, &smtpErr) && smtpErr.Code/100 == 2:
-		// go-smtp expects exactly 250; any 2xx accepts the message, and
-		// sending it again would deliver it twice.
-		c.pool.cfg.OnReply("end of DATA", smtpErr.Code)
-		reply, err = smtpErr.Message, nil
 	case errors.As(err, &smtpErr):
+		if !sent { // a chunk was refused before the last was written
+			return "", c.done(ctx, "end of DATA", err, 0)
+		}
 	default:
 		s.broken = true
-		if !s.conn.writeFailed {
+		if sent {
 			err = fmt.Errorf("%w: %w", ErrNoReply, err)
 		}
 		return "", c.done(ctx, "end of DATA", err, 0)
@@ -137,7 +237,7 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 }
 
 // done reports the upstream's reply to a command to Config.OnReply (ok,
-// the code it expected, when err is nil) and returns err as fail does.
+// the code it got, when err is nil) and returns err as fail does.
 func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error {
 	var smtpErr *smtp.SMTPError
 	switch {
@@ -152,8 +252,8 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 
 // Release returns the session to the pool. A session left in the middle of
 // a transaction is reset with RSET when the pool has no credentials, and
-// closed otherwise: go-smtp's client follows RSET with EHLO, after which
-// some upstreams forget the AUTH. A broken session, or one at its lifetime
+// closed otherwise: the pool follows RSET with EHLO, after which some
+// upstreams forget the AUTH. A broken session, or one at its lifetime
 // or message limit, is closed too. Release may be called more than once;
 // the Conn must not be used after.
 func (c *Conn) Release() {

@@ -123,9 +123,11 @@ func TestAny2xxAtEndOfDataIsAcceptance(t *testing.T) {
 	}
 }
 
-// TestRepliesAreReported: Config.OnReply sees each reply by stage.
+// TestRepliesAreReported: Config.OnReply sees each reply by stage. The
+// upstream offers no CHUNKING, so that the message goes with DATA and its
+// 354; TestRepliesAreReportedWithBDAT has the other case.
 func TestRepliesAreReported(t *testing.T) {
-	up := startUpstream(t, memsmtp.Options{})
+	up := startUpstream(t, memsmtp.Options{Hide: []string{"CHUNKING"}})
 	up.Inject(memsmtp.Rcpt, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no"}})
 	var mu sync.Mutex
 	seen := map[string]int{}

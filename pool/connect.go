@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/pool/internal/smtpclient"
 )
 
 // setUp dials the upstream entry u and takes a new session through
@@ -42,16 +44,7 @@ func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 }
 
 func (p *Pool) handshake(ctx context.Context, u *upstream) (*session, error) {
-	var s *session
-	var err error
-	switch p.cfg.TLS {
-	case TLSOpportunistic:
-		s, err = p.greetOpportunistic(ctx, u)
-	case TLSStartTLS:
-		s, err = p.greet(ctx, u, true)
-	default:
-		s, err = p.greet(ctx, u, false)
-	}
+	s, err := p.greet(ctx, u)
 	if err != nil {
 		return nil, err
 	}
@@ -59,83 +52,82 @@ func (p *Pool) handshake(ctx context.Context, u *upstream) (*session, error) {
 		s.close()
 		return nil, err
 	}
-	s.client.CommandTimeout = p.cfg.CommandTimeout
-	s.client.SubmissionTimeout = p.cfg.DataTimeout
 	return s, nil
 }
 
 // plainTextMemory is how long, in opportunistic mode, the pool remembers
-// that the upstream did not offer STARTTLS, and sets sessions up without
-// trying. After that, the next session tries again.
+// that an upstream did not offer STARTTLS, so that it warns about it once
+// in that time rather than for every session.
 var plainTextMemory = time.Minute
 
-// greetOpportunistic starts sessions with STARTTLS unless the upstream was
-// seen without it less than plainTextMemory ago. go-smtp cannot upgrade a
-// client that has already read the EHLO reply, so finding out costs a
-// second dial; until one session has been set up, new sessions are set up
-// one at a time, so that a burst of them finds out once. When credentials
-// would cross in clear text, STARTTLS is always tried and its absence is an
-// error, whatever an earlier session saw.
-func (p *Pool) greetOpportunistic(ctx context.Context, u *upstream) (*session, error) {
-	if !p.tlsKnown.Load() {
-		p.tlsProbe.Lock()
-		defer p.tlsProbe.Unlock()
-	}
-	plainOK := p.cfg.Auth == nil || p.cfg.AllowInsecureAuth
-	if plainOK && time.Now().UnixNano() < u.plainUntil.Load() {
-		return p.greet(ctx, u, false)
-	}
-	s, err := p.greet(ctx, u, true)
-	if errors.Is(err, ErrTLSUnavailable) {
-		u.plainUntil.Store(time.Now().Add(plainTextMemory).UnixNano())
-		if !plainOK {
-			return nil, fmt.Errorf("%w, and credentials are never sent in clear text", err)
-		}
-		p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "upstream", u.addr)
-		s, err = p.greet(ctx, u, false)
-	}
-	if err == nil {
-		p.tlsKnown.Store(true)
-	}
-	return s, err
-}
-
-// greet dials and runs greeting, EHLO and, if asked, STARTTLS and EHLO again.
-// The connection is closed when ctx ends before it returns.
-func (p *Pool) greet(ctx context.Context, u *upstream, startTLS bool) (*session, error) {
+// greet dials and runs greeting, EHLO and, as the TLS mode asks, STARTTLS
+// and EHLO again. STARTTLS upgrades the connection in place, after the
+// EHLO reply told whether it is offered: in opportunistic mode an
+// upstream without it costs no second dial. The connection is closed when
+// ctx ends before greet returns.
+func (p *Pool) greet(ctx context.Context, u *upstream) (*session, error) {
 	raw, err := p.cfg.Dial(ctx, "tcp", u.addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", u.addr, err)
 	}
-	tc := &trackedConn{Conn: raw}
-	var conn net.Conn = tc
-	if p.cfg.TLS == TLSImplicit {
-		conn = tls.Client(tc, u.tls)
-	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
-
-	var c *smtp.Client
-	if startTLS {
-		c, err = smtp.NewClientStartTLS(conn, u.tls)
-		if err != nil && strings.Contains(err.Error(), "doesn't support STARTTLS") {
-			err = ErrTLSUnavailable
-		}
-	} else {
-		c = smtp.NewClient(conn)
-	}
-	if err == nil {
-		err = c.Hello(p.cfg.LocalName)
-	}
+	s, err := p.hello(u, raw)
 	if err != nil {
-		conn.Close()
+		raw.Close()
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
 		}
 		return nil, fmt.Errorf("greet %s: %w", u.addr, err)
 	}
-	_, isTLS := c.TLSConnectionState()
-	return &session{client: c, conn: tc, tls: isTLS}, nil
+	return s, nil
+}
+
+// hello runs greeting, EHLO and STARTTLS on raw.
+func (p *Pool) hello(u *upstream, raw net.Conn) (*session, error) {
+	conn := raw
+	if p.cfg.TLS == TLSImplicit {
+		conn = tls.Client(raw, u.tls)
+	}
+	c := smtpclient.New(conn)
+	c.CommandTimeout, c.DataTimeout = p.cfg.CommandTimeout, p.cfg.DataTimeout
+	if err := c.Greet(); err != nil {
+		return nil, err
+	}
+	if err := c.Hello(p.cfg.LocalName); err != nil {
+		return nil, err
+	}
+	if p.cfg.TLS == TLSStartTLS || p.cfg.TLS == TLSOpportunistic {
+		offered, _ := c.Extension("STARTTLS")
+		plainOK := p.cfg.TLS == TLSOpportunistic && (p.cfg.Auth == nil || p.cfg.AllowInsecureAuth)
+		switch {
+		case offered:
+			if err := c.StartTLS(u.tls); err != nil {
+				return nil, err
+			}
+			if err := c.Hello(p.cfg.LocalName); err != nil {
+				return nil, err
+			}
+		case p.cfg.TLS == TLSOpportunistic && !plainOK:
+			return nil, fmt.Errorf("%w, and credentials are never sent in clear text", ErrTLSUnavailable)
+		case !plainOK:
+			return nil, ErrTLSUnavailable
+		default:
+			p.warnPlainText(u)
+		}
+	}
+	return &session{client: c, conn: raw, tls: c.TLS()}, nil
+}
+
+// warnPlainText warns, at most once per plainTextMemory, that the
+// upstream offers no STARTTLS and opportunistic mode goes on in plain text.
+func (p *Pool) warnPlainText(u *upstream) {
+	now := time.Now().UnixNano()
+	until := u.plainUntil.Load()
+	if now < until || !u.plainUntil.CompareAndSwap(until, time.Now().Add(plainTextMemory).UnixNano()) {
+		return
+	}
+	p.log.Warn("upstream does not offer STARTTLS; opportunistic mode continues in plain text", "upstream", u.addr)
 }
 
 func (p *Pool) authenticate(ctx context.Context, s *session) error {
@@ -153,7 +145,7 @@ func (p *Pool) authenticate(ctx context.Context, s *session) error {
 	if err != nil {
 		return fmt.Errorf("auth: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { s.client.Close() })
+	stop := context.AfterFunc(ctx, func() { s.conn.Close() })
 	defer stop()
 	if err := s.client.Auth(sc); err != nil {
 		return fmt.Errorf("auth: %w", authRefused(p.cfg.Auth, sc, err))

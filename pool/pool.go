@@ -41,12 +41,6 @@ type Pool struct {
 	capRaised time.Time     // when the effective cap last rose
 	slowUntil time.Time     // until when RateLimit is halved
 
-	// In opportunistic mode, tlsKnown says a session has been set up,
-	// which tells whether the upstream offers STARTTLS; until then tlsProbe
-	// sets sessions up one at a time, so that a burst finds out once.
-	tlsKnown atomic.Bool
-	tlsProbe sync.Mutex
-
 	closeOnce sync.Once
 	closed    chan struct{}
 	done      chan struct{}

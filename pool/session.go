@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/pool/internal/smtpclient"
 )
 
 // quitTimeout bounds the polite QUIT that closes a healthy session.
@@ -18,8 +20,8 @@ const quitTimeout = 5 * time.Second
 // the pool.
 type session struct {
 	id           uint64
-	client       *smtp.Client
-	conn         *trackedConn
+	client       *smtpclient.Client
+	conn         net.Conn // the TCP connection under client, TLS or not
 	tls          bool
 	transactions int  // times lent by Acquire
 	messages     int  // messages that reached the end of DATA
@@ -27,21 +29,6 @@ type session struct {
 	broken       bool // an I/O error, a 421 or a cancelled command: never reuse
 	closeReason  closeReason
 	upstream     *upstream // the entry of Config.Addr it is connected to
-}
-
-// trackedConn remembers whether a write failed, which tells a lost reply
-// (ErrNoReply) from a message that never fully left.
-type trackedConn struct {
-	net.Conn
-	writeFailed bool
-}
-
-func (c *trackedConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	if err != nil {
-		c.writeFailed = true
-	}
-	return n, err
 }
 
 // close ends the session: politely with QUIT when it is healthy, by closing
@@ -53,7 +40,7 @@ func (s *session) close() {
 			return
 		}
 	}
-	s.client.Close()
+	s.conn.Close()
 }
 
 // bind makes the session give up when ctx ends, by closing its connection
@@ -63,7 +50,7 @@ func (s *session) bind(ctx context.Context) (stop func()) {
 	if ctx.Done() == nil {
 		return func() {}
 	}
-	unwatch := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	unwatch := context.AfterFunc(ctx, func() { s.conn.Close() })
 	return func() { unwatch() }
 }
 
@@ -84,10 +71,9 @@ func (s *session) fail(ctx context.Context, cmd string, err error) error {
 	return fmt.Errorf("upstream %s: %w", cmd, err)
 }
 
-// reset aborts the unfinished transaction with RSET. go-smtp's Client.Reset
-// makes the client send EHLO again before its next command, and a failure
-// there would be swallowed by Extension, so EHLO is sent here, where a
-// failure marks the session broken.
+// reset aborts the unfinished transaction with RSET, then says EHLO again,
+// as the go-smtp client this pool used before did, so that a failure there
+// marks the session broken before it is lent again.
 func (s *session) reset(localName string) error {
 	if err := s.client.Reset(); err != nil {
 		return err

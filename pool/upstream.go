@@ -15,9 +15,8 @@ type upstream struct {
 	tls   *tls.Config // Config.TLSConfig, with this entry's server name
 	probe prober
 
-	// plainUntil, in opportunistic mode, is when the knowledge that this
-	// entry does not offer STARTTLS expires (Unix nanoseconds); until then
-	// sessions without credentials skip the attempt.
+	// plainUntil, in opportunistic mode, is until when (Unix nanoseconds)
+	// the warning that this entry offers no STARTTLS is not repeated.
 	plainUntil atomic.Int64
 }
 

@@ -127,6 +127,11 @@ type Server struct {
 	ln   net.Listener
 	done chan struct{}
 
+	// closing is closed by Close: fault pauses end at once, so that every
+	// session ends before go-smtp's Close runs (see Close).
+	closing   chan struct{}
+	closeOnce sync.Once
+
 	conns, open, maxOpen, auths atomic.Int64
 
 	mu       sync.Mutex
@@ -134,6 +139,8 @@ type Server struct {
 	messages []Message
 	commands map[string]int64
 	live     map[*conn]struct{}
+	sessions int           // sessions not yet logged out
+	idle     chan struct{} // closed once closing and no session is left
 }
 
 // Start listens and serves until Close.
@@ -145,7 +152,7 @@ func Start(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", opts.Addr, err)
 	}
-	s := &Server{Addr: ln.Addr().String(), opts: opts, done: make(chan struct{}),
+	s := &Server{Addr: ln.Addr().String(), opts: opts, done: make(chan struct{}), closing: make(chan struct{}), idle: make(chan struct{}),
 		faults: map[Command][]Fault{}, commands: map[string]int64{}, live: map[*conn]struct{}{}}
 	s.srv = smtp.NewServer(smtp.BackendFunc(s.newSession))
 	s.srv.Domain = "memsmtp.test"
@@ -172,12 +179,56 @@ func Start(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// Close stops the server and closes every connection.
+// Close stops the server and closes every connection. It ends fault
+// pauses and closes the connections first, and waits (a few seconds at
+// most) for their sessions to end before go-smtp's own Close runs: that
+// one, run while a session is inside a BDAT command, races with it.
 func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		close(s.closing)
+		s.endedLocked()
+		s.mu.Unlock()
+	})
+	s.ln.Close()
+	s.CloseConns()
+	select {
+	case <-s.idle:
+	case <-time.After(5 * time.Second):
+	}
 	err := s.srv.Close()
-	s.ln.Close() // in case Serve had not registered it with srv yet
 	<-s.done
 	return err
+}
+
+// endedLocked closes idle if the server is closing and no session is
+// left.
+func (s *Server) endedLocked() {
+	select {
+	case <-s.idle:
+		return
+	default:
+	}
+	select {
+	case <-s.closing:
+		if s.sessions == 0 {
+			close(s.idle)
+		}
+	default:
+	}
+}
+
+// pause waits d, or less if the server is closing.
+func (s *Server) pause(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-s.closing:
+	}
 }
 
 // Inject queues faults; each applies once, in order, at its Command.
@@ -288,7 +339,7 @@ func (l *listener) Accept() (net.Conn, error) {
 			f = nil
 		}
 		if f != nil {
-			time.Sleep(f.Delay)
+			s.pause(f.Delay)
 			if f.Reply != nil {
 				fmt.Fprintf(conn, "%d %d.%d.%d %s\r\n", f.Reply.Code, f.Reply.EnhancedCode[0],
 					f.Reply.EnhancedCode[1], f.Reply.EnhancedCode[2], f.Reply.Message)
@@ -330,7 +381,7 @@ func (c *conn) Close() error {
 func (c *conn) Write(b []byte) (int, error) {
 	if d := c.greetDelay; d > 0 {
 		c.greetDelay = 0
-		time.Sleep(d)
+		c.s.pause(d)
 	}
 	for _, ext := range c.hide {
 		if bytes.HasPrefix(b, []byte("250-"+ext)) {
@@ -345,6 +396,14 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	if cc := connOf(c.Conn()); cc != nil {
 		id = cc.id
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.closing:
+		return nil, errors.New("memsmtp: server closing")
+	default:
+	}
+	s.sessions++
 	return &session{s: s, c: c, conn: id}, nil
 }
 
@@ -359,6 +418,7 @@ func connOf(nc net.Conn) *conn {
 var errDropped = errors.New("memsmtp: connection dropped by fault")
 
 type session struct {
+	logout sync.Once
 	s      *Server
 	c      *smtp.Conn
 	conn   int64
@@ -371,7 +431,7 @@ func (ss *session) apply(f *Fault) error {
 	if f == nil {
 		return nil
 	}
-	time.Sleep(f.Delay)
+	ss.s.pause(f.Delay)
 	if f.Drop {
 		ss.c.Conn().Close()
 		return errDropped
@@ -465,7 +525,7 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	f := ss.s.nextFault(Data)
 	if f != nil {
-		time.Sleep(f.Stall)
+		ss.s.pause(f.Stall)
 	}
 	if f != nil && f.Drop && !f.Deliver {
 		io.CopyN(io.Discard, r, 64)
@@ -482,7 +542,7 @@ func (ss *session) Data(r io.Reader) error {
 		ss.s.deliver(m)
 		return nil
 	}
-	time.Sleep(f.Delay)
+	ss.s.pause(f.Delay)
 	if f.Deliver || (f.Reply == nil && !f.Drop) {
 		ss.s.deliver(m)
 	}
@@ -492,7 +552,16 @@ func (ss *session) Data(r io.Reader) error {
 
 func (ss *session) Reset() { ss.msg = Message{} }
 
-func (ss *session) Logout() error { return nil }
+// Logout ends the session, once.
+func (ss *session) Logout() error {
+	ss.logout.Do(func() {
+		ss.s.mu.Lock()
+		ss.s.sessions--
+		ss.s.endedLocked()
+		ss.s.mu.Unlock()
+	})
+	return nil
+}
 
 // loginServer is the server side of the LOGIN mechanism, which go-sasl
 // implements only as a client.

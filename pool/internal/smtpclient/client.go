@@ -1,0 +1,417 @@
+// Package smtpclient is the small SMTP client under smtppool's pool: the
+// greeting, EHLO with its extension list (HELO when EHLO is refused),
+// STARTTLS upgraded in place, AUTH through a go-sasl client, MAIL and RCPT
+// with the parameters go-smtp's client sends, DATA and BDAT, RSET, NOOP and
+// QUIT, and pipelining (RFC 2920): several commands in one write, their
+// replies read in order after.
+//
+// A refusal is an *smtp.SMTPError, go-smtp's type, with the enhanced code
+// parsed as go-smtp's client parses it; any other error is a failure of
+// the connection. Every write is bounded by CommandTimeout (a message by
+// DataTimeout), every reply by CommandTimeout (the reply to the end of a
+// message by DataTimeout). A Client is not safe for concurrent use.
+package smtpclient
+
+import (
+	"bufio"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// maxReplyLine bounds the length of a reply line, as go-smtp's client does
+// (twice RFC 5321's limit), so that a broken upstream cannot fill memory.
+const maxReplyLine = 2000
+
+// ErrTooLongLine means the server sent a reply line longer than
+// maxReplyLine.
+var ErrTooLongLine = errors.New("reply line too long")
+
+// Client is one connection to an SMTP server.
+type Client struct {
+	// CommandTimeout bounds the writing of each command and the wait for
+	// each reply; DataTimeout bounds the writing of a message and the wait
+	// for the reply to its end. Zero means no limit.
+	CommandTimeout, DataTimeout time.Duration
+
+	conn  net.Conn // the connection: the one given to New, or TLS over it
+	r     *textproto.Reader
+	br    *bufio.Reader
+	bw    *bufio.Writer
+	tw    *textproto.Writer
+	ext   map[string]string // from the last EHLO; nil after HELO
+	isTLS bool
+}
+
+// New returns a client on conn, which may be a *tls.Conn already (implicit
+// TLS). Nothing is read or written yet: call Greet.
+func New(conn net.Conn) *Client {
+	c := &Client{}
+	_, c.isTLS = conn.(*tls.Conn)
+	c.setConn(conn)
+	return c
+}
+
+func (c *Client) setConn(conn net.Conn) {
+	c.conn = conn
+	c.br = bufio.NewReader(&lineLimitReader{r: conn, limit: maxReplyLine})
+	c.r = textproto.NewReader(c.br)
+	c.bw = bufio.NewWriter(conn)
+	c.tw = textproto.NewWriter(c.bw)
+}
+
+// TLS reports whether the connection is encrypted.
+func (c *Client) TLS() bool { return c.isTLS }
+
+// Close closes the connection without QUIT.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Extension reports whether the server listed ext (in any case) in its
+// last EHLO reply, and its parameter.
+func (c *Client) Extension(ext string) (bool, string) {
+	param, ok := c.ext[strings.ToUpper(ext)]
+	return ok, param
+}
+
+// Greet reads the server's greeting, which must be 220.
+func (c *Client) Greet() error {
+	// An implicit TLS handshake happens here, and writes too.
+	c.conn.SetDeadline(deadline(c.CommandTimeout))
+	defer c.conn.SetDeadline(time.Time{})
+	_, _, err := c.readReply(220, c.CommandTimeout)
+	if err != nil {
+		return fmt.Errorf("greeting: %w", err)
+	}
+	return nil
+}
+
+// Hello sends EHLO and keeps the extensions listed in the reply; when the
+// server does not know EHLO (500 or 502), it sends HELO instead, and no
+// extension is known.
+func (c *Client) Hello(localName string) error {
+	if err := checkLine(localName); err != nil {
+		return fmt.Errorf("EHLO: %w", err)
+	}
+	_, msg, err := c.Cmd(250, "EHLO "+localName)
+	var smtpErr *smtp.SMTPError
+	if errors.As(err, &smtpErr) && (smtpErr.Code == 500 || smtpErr.Code == 502) {
+		c.ext = nil
+		if _, _, err := c.Cmd(250, "HELO "+localName); err != nil {
+			return fmt.Errorf("HELO after EHLO was refused: %w", err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("EHLO: %w", err)
+	}
+	c.ext = parseExtensions(msg)
+	return nil
+}
+
+// parseExtensions reads an EHLO reply's lines after the first: a keyword
+// and its parameter each.
+func parseExtensions(msg string) map[string]string {
+	ext := map[string]string{}
+	lines := strings.Split(msg, "\n")
+	for _, line := range lines[1:] {
+		name, param, _ := strings.Cut(line, " ")
+		ext[strings.ToUpper(name)] = param
+	}
+	return ext
+}
+
+// StartTLS sends STARTTLS and, on 220, upgrades the connection in place
+// with a TLS handshake. The extensions are forgotten: send EHLO again.
+func (c *Client) StartTLS(cfg *tls.Config) error {
+	if _, _, err := c.Cmd(220, "STARTTLS"); err != nil {
+		return fmt.Errorf("STARTTLS: %w", err)
+	}
+	if c.br.Buffered() > 0 {
+		// Bytes after the 220 came in clear text and would be taken for
+		// replies over TLS (CVE-2011-0411's injection).
+		return errors.New("STARTTLS: server sent data after its 220, before the TLS handshake")
+	}
+	tc := tls.Client(c.conn, cfg)
+	tc.SetDeadline(deadline(c.CommandTimeout))
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("STARTTLS: TLS handshake: %w", err)
+	}
+	tc.SetDeadline(time.Time{})
+	c.setConn(tc)
+	c.isTLS = true
+	c.ext = nil
+	return nil
+}
+
+// Auth runs a SASL exchange through sc: AUTH with the initial response
+// (none when sc gives nil, "=" when it gives an empty one), then a
+// base64 response to each 334 challenge, until 235. When sc fails, or a
+// challenge is not base64, it cancels the exchange with "*" and returns
+// that error; a refusal of the server is an *smtp.SMTPError.
+func (c *Client) Auth(sc sasl.Client) error {
+	mech, ir, err := sc.Start()
+	if err != nil {
+		return fmt.Errorf("AUTH: %w", err)
+	}
+	line := "AUTH " + mech
+	switch {
+	case len(ir) > 0:
+		line += " " + base64.StdEncoding.EncodeToString(ir)
+	case ir != nil:
+		line += " ="
+	}
+	code, msg, err := c.Cmd(0, line)
+	for err == nil {
+		switch code {
+		case 235:
+			return nil
+		case 334:
+		default:
+			return toSMTPError(code, msg)
+		}
+		var challenge, resp []byte
+		challenge, err = base64.StdEncoding.DecodeString(msg)
+		if err != nil {
+			err = fmt.Errorf("challenge is not base64: %w", err)
+		} else {
+			resp, err = sc.Next(challenge)
+		}
+		if err != nil {
+			// Cancel the exchange (RFC 4954); the server answers 501.
+			c.Cmd(0, "*")
+			return fmt.Errorf("AUTH %s: %w", mech, err)
+		}
+		code, msg, err = c.Cmd(0, base64.StdEncoding.EncodeToString(resp))
+	}
+	return fmt.Errorf("AUTH %s: %w", mech, err)
+}
+
+// Command is one command line of a pipeline and the reply code it
+// expects: three digits for an exact code, one or two for a class, as
+// textproto.Reader.ReadResponse takes them.
+type Command struct {
+	Line   string
+	Expect int
+}
+
+// Reply is the server's reply to one command; Err is an *smtp.SMTPError
+// when the code was not the expected one.
+type Reply struct {
+	Code    int
+	Message string
+	Err     error
+}
+
+// Pipeline sends cmds and reads their replies in order. All commands go
+// out in one write before the first reply is read, as RFC 2920 allows for
+// MAIL and RCPT when the server offers PIPELINING. A refusal does not stop
+// it; a failure of the connection does, and is returned with the replies
+// read so far.
+func (c *Client) Pipeline(cmds []Command) ([]Reply, error) {
+	for _, cmd := range cmds {
+		if err := checkLine(cmd.Line); err != nil {
+			return nil, err
+		}
+	}
+	// Writes past bufio's buffer happen as the lines are added.
+	c.conn.SetWriteDeadline(deadline(c.CommandTimeout))
+	for _, cmd := range cmds {
+		c.bw.WriteString(cmd.Line)
+		c.bw.WriteString("\r\n")
+	}
+	if err := c.flush(c.CommandTimeout); err != nil {
+		return nil, err
+	}
+	replies := make([]Reply, 0, len(cmds))
+	for _, cmd := range cmds {
+		code, msg, err := c.readReply(cmd.Expect, c.CommandTimeout)
+		if err != nil && !isReply(err) {
+			return replies, err
+		}
+		replies = append(replies, Reply{Code: code, Message: msg, Err: err})
+	}
+	return replies, nil
+}
+
+// Cmd sends one command line and reads its reply, which must have the code
+// expect (as in Command; 0 takes any code).
+func (c *Client) Cmd(expect int, line string) (code int, msg string, err error) {
+	replies, err := c.Pipeline([]Command{{Line: line, Expect: expect}})
+	if err != nil {
+		return 0, "", err
+	}
+	r := replies[0]
+	return r.Code, r.Message, r.Err
+}
+
+// Noop sends NOOP.
+func (c *Client) Noop() error {
+	_, _, err := c.Cmd(250, "NOOP")
+	if err != nil {
+		return fmt.Errorf("NOOP: %w", err)
+	}
+	return nil
+}
+
+// Reset sends RSET.
+func (c *Client) Reset() error {
+	_, _, err := c.Cmd(250, "RSET")
+	if err != nil {
+		return fmt.Errorf("RSET: %w", err)
+	}
+	return nil
+}
+
+// Quit sends QUIT and closes the connection, whatever the reply.
+func (c *Client) Quit() error {
+	_, _, err := c.Cmd(221, "QUIT")
+	c.conn.Close()
+	if err != nil {
+		return fmt.Errorf("QUIT: %w", err)
+	}
+	return nil
+}
+
+// StartData sends DATA and reads the 354 that invites the message.
+func (c *Client) StartData() error {
+	if _, _, err := c.Cmd(354, "DATA"); err != nil {
+		return fmt.Errorf("DATA: %w", err)
+	}
+	return nil
+}
+
+// SendData writes msg after StartData, with its line ends made CRLF and
+// dot-stuffed (by textproto's DotWriter), then the final dot, and reads
+// the server's verdict, any 2xx being acceptance. sent reports that the
+// whole message, final dot included, was written: when it is and err is
+// not a reply, the server may have kept the message.
+func (c *Client) SendData(msg io.Reader) (reply string, sent bool, err error) {
+	c.conn.SetWriteDeadline(deadline(c.DataTimeout))
+	w := c.tw.DotWriter()
+	if _, err := io.Copy(w, msg); err != nil {
+		return "", false, fmt.Errorf("write message: %w", err)
+	}
+	if err := w.Close(); err != nil { // writes the final dot and flushes
+		return "", false, fmt.Errorf("write message: %w", err)
+	}
+	c.conn.SetWriteDeadline(time.Time{})
+	_, text, err := c.readReply(2, c.DataTimeout)
+	if err != nil {
+		return "", true, fmt.Errorf("end of DATA: %w", err)
+	}
+	return text, true, nil
+}
+
+// readReply reads one reply within timeout. A code other than expect is
+// an *smtp.SMTPError.
+func (c *Client) readReply(expect int, timeout time.Duration) (int, string, error) {
+	c.conn.SetReadDeadline(deadline(timeout))
+	code, msg, err := c.r.ReadResponse(expect)
+	var protoErr *textproto.Error
+	switch {
+	case errors.As(err, &protoErr):
+		return code, msg, toSMTPError(protoErr.Code, protoErr.Msg)
+	case err != nil:
+		return 0, "", fmt.Errorf("read reply: %w", err)
+	}
+	return code, msg, nil
+}
+
+// flush writes what is buffered within timeout.
+func (c *Client) flush(timeout time.Duration) error {
+	c.conn.SetWriteDeadline(deadline(timeout))
+	if err := c.bw.Flush(); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	c.conn.SetWriteDeadline(time.Time{})
+	return nil
+}
+
+func deadline(timeout time.Duration) time.Time {
+	if timeout <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(timeout)
+}
+
+func isReply(err error) bool {
+	var smtpErr *smtp.SMTPError
+	return errors.As(err, &smtpErr)
+}
+
+// ErrInvalidLine means a command argument holds CR or LF, which would end
+// the command line early.
+var ErrInvalidLine = errors.New("command line contains CR or LF")
+
+func checkLine(s string) error {
+	if strings.ContainsAny(s, "\r\n") {
+		return ErrInvalidLine
+	}
+	return nil
+}
+
+// toSMTPError makes a reply an *smtp.SMTPError, parsing a leading enhanced
+// status code (RFC 2034) out of its text, and out of each line's, as
+// go-smtp's client does.
+func toSMTPError(code int, msg string) *smtp.SMTPError {
+	e := &smtp.SMTPError{Code: code, Message: msg}
+	first, rest, ok := strings.Cut(msg, " ")
+	if !ok {
+		return e
+	}
+	enh, ok := parseEnhancedCode(first)
+	if !ok {
+		return e
+	}
+	e.EnhancedCode = enh
+	e.Message = strings.ReplaceAll(rest, "\n"+first+" ", "\n")
+	return e
+}
+
+func parseEnhancedCode(s string) (smtp.EnhancedCode, bool) {
+	var code smtp.EnhancedCode
+	parts := strings.Split(s, ".")
+	if len(parts) != 3 {
+		return code, false
+	}
+	for i, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return smtp.EnhancedCode{}, false
+		}
+		code[i] = n
+	}
+	return code, true
+}
+
+// lineLimitReader fails a read that would complete a line longer than
+// limit bytes.
+type lineLimitReader struct {
+	r     io.Reader
+	limit int
+	line  int // bytes of the current line so far
+}
+
+func (l *lineLimitReader) Read(b []byte) (int, error) {
+	n, err := l.r.Read(b)
+	for _, ch := range b[:n] {
+		l.line++
+		if ch == '\n' {
+			l.line = 0
+		}
+		if l.line > l.limit {
+			return 0, ErrTooLongLine
+		}
+	}
+	return n, err
+}
