@@ -1,0 +1,267 @@
+package pool_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+)
+
+// writeCounter is a Config.Dial that counts the writes on the connections
+// it makes: each is one flight of commands to the upstream.
+type writeCounter struct{ writes atomic.Int64 }
+
+func (w *writeCounter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &countingConn{Conn: c, w: w}, nil
+}
+
+type countingConn struct {
+	net.Conn
+	w *writeCounter
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	c.w.writes.Add(1)
+	return c.Conn.Write(b)
+}
+
+var recipients = []pool.Recipient{{Addr: "a@example.com"}, {Addr: "b@example.com"}, {Addr: "c@example.com"}}
+
+// TestEnvelopeIsOneWrite: with PIPELINING, MAIL and every RCPT go in one
+// write; each recipient gets its own verdict, and the message goes to the
+// accepted ones as one BDAT write.
+func TestEnvelopeIsOneWrite(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}})
+	w := &writeCounter{}
+	p := newPool(t, up, pool.Config{Dial: w.dial})
+	c := acquire(t, p)
+	defer c.Release()
+	if !c.Pipelining() {
+		t.Fatal("memsmtp offers PIPELINING; Pipelining() says no")
+	}
+	ctx := context.Background()
+	before := w.writes.Load()
+	errs, err := c.Envelope(ctx, "sender@example.com", nil, recipients)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var smtpErr *smtp.SMTPError
+	if errs[0] != nil || !errors.As(errs[1], &smtpErr) || smtpErr.Code != 550 || errs[2] != nil {
+		t.Fatalf("recipients' verdicts %v, want nil, 550, nil", errs)
+	}
+	if n := w.writes.Load() - before; n != 1 {
+		t.Errorf("envelope took %d writes, want 1", n)
+	}
+	before = w.writes.Load()
+	if _, err := c.Data(ctx, strings.NewReader("Message-ID: <env@test>\r\n\r\nbody\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if n := w.writes.Load() - before; n != 1 {
+		t.Errorf("message took %d writes, want 1 (BDAT LAST)", n)
+	}
+	msgs := up.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "a@example.com,c@example.com" {
+		t.Errorf("upstream got %+v, want one message to a and c", msgs)
+	}
+	if st := up.Stats(); st.Commands["BDAT"] != 1 || st.Commands["DATA"] != 0 {
+		t.Errorf("upstream saw %d BDAT and %d DATA, want 1 and 0", st.Commands["BDAT"], st.Commands["DATA"])
+	}
+}
+
+// TestEnvelopeWithoutPipelining: one command at a time, same verdicts.
+func TestEnvelopeWithoutPipelining(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{Hide: []string{"PIPELINING", "CHUNKING"}})
+	up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}})
+	w := &writeCounter{}
+	p := newPool(t, up, pool.Config{Dial: w.dial})
+	c := acquire(t, p)
+	defer c.Release()
+	if c.Pipelining() {
+		t.Fatal("Pipelining() with PIPELINING hidden")
+	}
+	before := w.writes.Load()
+	errs, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients)
+	if err != nil || errs[0] != nil || errs[1] == nil || errs[2] != nil {
+		t.Fatalf("Envelope: %v, %v; want nil, 550, nil", errs, err)
+	}
+	if n := w.writes.Load() - before; n != 4 {
+		t.Errorf("envelope took %d writes, want 4, one per command", n)
+	}
+	if _, err := c.Data(context.Background(), strings.NewReader("Subject: x\r\n\r\nbody\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if st := up.Stats(); st.Commands["DATA"] != 1 || st.Commands["BDAT"] != 0 {
+		t.Errorf("upstream saw %d DATA and %d BDAT, want 1 and 0", st.Commands["DATA"], st.Commands["BDAT"])
+	}
+}
+
+// TestEnvelopeWithRefusedMail: MAIL's refusal is the error, the
+// recipients' replies to a refused MAIL are not reported, and the session
+// stays healthy.
+func TestEnvelopeWithRefusedMail(t *testing.T) {
+	for _, pipelining := range []bool{true, false} {
+		t.Run("pipelining "+strconv.FormatBool(pipelining), func(t *testing.T) {
+			opts := memsmtp.Options{}
+			if !pipelining {
+				opts.Hide = []string{"PIPELINING"}
+			}
+			up := startUpstream(t, opts)
+			up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender refused"}})
+			var mu sync.Mutex
+			seen := map[string]int{}
+			p := newPool(t, up, pool.Config{OnReply: func(stage string, code int) {
+				mu.Lock()
+				seen[stage+" "+strconv.Itoa(code)]++
+				mu.Unlock()
+			}})
+			c := acquire(t, p)
+			first := c.ID()
+			errs, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients)
+			var smtpErr *smtp.SMTPError
+			if !errors.As(err, &smtpErr) || smtpErr.Code != 553 || errs != nil {
+				t.Fatalf("Envelope: %v, %v; want MAIL's 553 and no recipient verdicts", errs, err)
+			}
+			c.Release()
+			mu.Lock()
+			if len(seen) != 1 || seen["MAIL 553"] != 1 {
+				t.Errorf("OnReply saw %v, want MAIL 553 only", seen)
+			}
+			mu.Unlock()
+			c = acquire(t, p)
+			defer c.Release()
+			if c.ID() != first {
+				t.Error("session not reused after a refused MAIL")
+			}
+			if err := send(c, 1); err != nil {
+				t.Fatalf("send after a refused MAIL: %v", err)
+			}
+			if n := up.Stats().Commands["RCPT"]; pipelining && n != 4 || !pipelining && n != 1 {
+				t.Errorf("upstream saw %d RCPT; want the 3 pipelined ones and the next message's, or only the next message's", n)
+			}
+		})
+	}
+}
+
+// TestRepliesAreReportedWithBDAT: with CHUNKING the verdict on the message
+// is reported as the end of DATA, and there is no 354.
+func TestRepliesAreReportedWithBDAT(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	var mu sync.Mutex
+	seen := map[string]int{}
+	p := newPool(t, up, pool.Config{OnReply: func(stage string, code int) {
+		mu.Lock()
+		seen[stage+" "+strconv.Itoa(code)]++
+		mu.Unlock()
+	}})
+	c := acquire(t, p)
+	if err := send(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	c.Release()
+	mu.Lock()
+	defer mu.Unlock()
+	want := map[string]int{"MAIL 250": 1, "RCPT 250": 1, "end of DATA 250": 1}
+	if len(seen) != len(want) {
+		t.Errorf("OnReply saw %v, want %v", seen, want)
+	}
+	for k, n := range want {
+		if seen[k] != n {
+			t.Errorf("OnReply saw %q %d times, want %d (all: %v)", k, seen[k], n, seen)
+		}
+	}
+}
+
+// TestSessionLimitSignalAtTheEndOfABDATMessage: Exchange Online's 432
+// 4.3.2, which comes at DATA, comes at the end of a BDAT message and is
+// still read as the connection-limit signal.
+func TestSessionLimitSignalAtTheEndOfABDATMessage(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{SessionLimit: 1})
+	p := newPool(t, up, pool.Config{MaxConns: 2})
+	first := acquire(t, p)
+	defer first.Release()
+	second := acquire(t, p)
+	defer second.Release()
+	err := send(second, 2)
+	if !errors.Is(err, pool.ErrConnLimit) || !errors.Is(err, pool.ErrCapLowered) {
+		t.Fatalf("send over the session limit: %v, want ErrConnLimit and ErrCapLowered", err)
+	}
+	if st := p.Stat(); st.EffectiveMaxConns != 1 {
+		t.Errorf("effective cap %d, want 1", st.EffectiveMaxConns)
+	}
+	if n := up.Stats().Commands["BDAT"]; n != 1 {
+		t.Errorf("upstream saw %d BDAT, want 1", n)
+	}
+}
+
+// ehloRecorder is a Config.Dial that records the EHLO lines written in
+// clear text.
+type ehloRecorder struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (r *ehloRecorder) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &recordingConn{Conn: c, r: r}, nil
+}
+
+type recordingConn struct {
+	net.Conn
+	r *ehloRecorder
+}
+
+func (c *recordingConn) Write(b []byte) (int, error) {
+	if s := string(b); strings.HasPrefix(s, "EHLO ") {
+		c.r.mu.Lock()
+		c.r.lines = append(c.r.lines, strings.TrimSpace(s))
+		c.r.mu.Unlock()
+	}
+	return c.Conn.Write(b)
+}
+
+// TestLocalNameBeforeSTARTTLS: the EHLO before STARTTLS says LocalName
+// too (go-smtp's client said "localhost"), and the upgrade happens on the
+// same connection.
+func TestLocalNameBeforeSTARTTLS(t *testing.T) {
+	serverTLS, roots, err := memsmtp.SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := startUpstream(t, memsmtp.Options{TLS: serverTLS})
+	r := &ehloRecorder{}
+	p := newPool(t, up, pool.Config{TLS: pool.TLSStartTLS, TLSConfig: &tls.Config{RootCAs: roots}, LocalName: "relay.corp.example", Dial: r.dial})
+	c := acquire(t, p)
+	defer c.Release()
+	if !c.TLS() {
+		t.Fatal("session not encrypted")
+	}
+	if err := send(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.lines) != 1 || r.lines[0] != "EHLO relay.corp.example" {
+		t.Errorf("EHLO in clear text: %q, want one, with the local name", r.lines)
+	}
+	if st := up.Stats(); st.Conns != 1 || st.Commands["EHLO"] != 2 {
+		t.Errorf("upstream saw %d connections and %d EHLO, want 1 and 2", st.Conns, st.Commands["EHLO"])
+	}
+}
