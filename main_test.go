@@ -343,6 +343,11 @@ func TestShutdownClosesClientsThatOutstayTheTimeout(t *testing.T) {
 	if err := c.Mail("app@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
+	// MAIL waits for the first RCPT to reach an upstream that offers
+	// PIPELINING: with one, the upstream has a transaction to reset.
+	if err := c.Rcpt("user@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
 	stopped := make(chan error, 1)
 	go func() { stopped <- stop() }()
 	select {

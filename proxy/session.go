@@ -14,13 +14,20 @@ import (
 // session is one client connection. Its transaction moves through these
 // states, each a go-smtp callback:
 //
-//	idle     --Mail-->  envelope: upstream session held, MAIL relayed
+//	idle     --Mail-->  held:     upstream session held; MAIL answered once its parameters
+//	                              pass, sent with the first RCPT (upstream with PIPELINING)
+//	idle     --Mail-->  envelope: upstream session held, MAIL relayed (without PIPELINING)
+//	held     --Rcpt-->  envelope: MAIL and RCPT in one write; the client hears RCPT's verdict,
+//	                              or MAIL's refusal, which ends the transaction
 //	envelope --Rcpt-->  envelope: RCPT relayed; the upstream's verdict is the client's
-//	envelope --Data-->  idle: message buffered, relayed, upstream's verdict returned
+//	envelope --Data-->  idle:     message buffered, relayed (BDAT with CHUNKING, else DATA),
+//	                              upstream's verdict returned
 //	any      --Reset/Logout/transaction timeout--> idle: upstream session released
 //
 // Every step runs through transaction.relay, which replays the transaction
-// on a fresh upstream session when the current one fails transiently.
+// on a fresh upstream session when the current one fails transiently: the
+// envelope (MAIL and the accepted recipients) goes in one write, with the
+// RCPT being relayed, when the upstream offers PIPELINING.
 //
 // go-smtp calls Data on a goroutine of its own for BDAT, while the
 // connection's goroutine may call Reset or Logout, so the current
@@ -35,8 +42,10 @@ type session struct {
 	tx *transaction // the current transaction, or nil when idle
 }
 
-// Mail starts a transaction: it borrows an upstream session and relays
-// MAIL FROM, waiting while every session is busy.
+// Mail starts a transaction: it borrows an upstream session, waiting while
+// every session is busy, and relays MAIL FROM, or, if the upstream offers
+// PIPELINING, checks its parameters against the upstream's extensions and
+// holds it for the first RCPT.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if err := s.mayMail(); err != nil {
 		return err
@@ -57,7 +66,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 
 	tx.mu.Lock()
 	defer tx.mu.Unlock()
-	err := s.watching(tx, func() error { return tx.relay(cmdMail, nil) })
+	err := s.watching(tx, func() error {
+		return tx.relay(cmdMail, func(_ context.Context, c *pool.Conn) error {
+			_, err := upstreamMailOptions(c, tx.from, tx.opts)
+			return err
+		})
+	})
 	if err != nil {
 		s.detach(tx)
 		tx.finishLocked()
@@ -82,6 +96,9 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 		return tx.relay(cmdRcpt, func(ctx context.Context, c *pool.Conn) error {
 			if err := checkRecipient(c, to); err != nil {
 				return err
+			}
+			if !tx.envelopeSent {
+				return tx.sendEnvelope(&recipient{to: to, opts: opts})
 			}
 			return c.Rcpt(ctx, upstreamPath(to), opts)
 		})

@@ -44,8 +44,15 @@ type transaction struct {
 	opts      smtp.MailOptions
 	mailAcked bool        // the client was told 250 for MAIL
 	rcpts     []recipient // recipients the client was told 250 for
-	msg       messageBuffer
-	reserved  int64 // bytes of the buffer budget held for msg
+	// envelopeSent says MAIL and the accepted recipients were sent on up.
+	// On an upstream that offers PIPELINING they are held back until the
+	// next RCPT, which goes with them in one write.
+	envelopeSent bool
+	// mailAccepted says the upstream accepted MAIL once: after that, its
+	// refusal of MAIL on a replay is not the message's fault.
+	mailAccepted bool
+	msg          messageBuffer
+	reserved     int64 // bytes of the buffer budget held for msg
 
 	start    time.Time
 	attempts int    // upstream sessions tried
@@ -148,12 +155,26 @@ type stage int
 
 const (
 	stageAcquire stage = iota // borrowing an upstream session
-	stageReplay               // replaying what the client was already told was accepted
-	stageStep                 // the command itself
+	// stageMail is MAIL before the upstream ever accepted it: its verdict
+	// is the client's, at MAIL, or at the RCPT that carried a held MAIL.
+	stageMail
+	stageReplay // replaying what the client was already told was accepted
+	stageStep   // the command itself
 )
 
-// try runs step, first borrowing an upstream session and replaying the
-// transaction on it if none is held.
+// stagedError is a step's failure that is not the step's own command's:
+// the MAIL or the recipients sent with it.
+type stagedError struct {
+	where stage
+	err   error
+}
+
+func (e *stagedError) Error() string { return e.err.Error() }
+func (e *stagedError) Unwrap() error { return e.err }
+
+// try runs step, first borrowing an upstream session if none is held, and
+// sending the envelope so far (MAIL and the accepted recipients) on it
+// unless the step carries it.
 func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) error) (stage, error) {
 	if tx.up == nil {
 		c, err := tx.acquire()
@@ -161,21 +182,47 @@ func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) e
 			return stageAcquire, err
 		}
 		tx.up = c
+		tx.envelopeSent = false
 		tx.attempts++
 		if tx.timer == nil {
 			tx.timer = time.AfterFunc(tx.s.b.cfg.TransactionTimeout, tx.expire)
 		}
-		if err := tx.replay(cmd, c); err != nil {
-			if cmd == cmdMail {
-				return stageStep, err // MAIL itself: nothing was acknowledged yet
-			}
-			return stageReplay, err
+	}
+	if !tx.envelopeSent && !tx.holdsEnvelope(cmd) {
+		if err := tx.sendEnvelope(nil); err != nil {
+			return splitStage(err)
 		}
 	}
 	if step == nil {
 		return stageStep, nil
 	}
-	return stageStep, step(tx.s.b.ctx, tx.up)
+	return splitStage(step(tx.s.b.ctx, tx.up))
+}
+
+// splitStage tells where err, a step's failure, happened.
+func splitStage(err error) (stage, error) {
+	var se *stagedError
+	if errors.As(err, &se) {
+		return se.where, se.err
+	}
+	return stageStep, err
+}
+
+// holdsEnvelope says whether cmd leaves the envelope to the next RCPT:
+// on an upstream that offers PIPELINING, MAIL is answered once its
+// parameters pass, and sent with the first RCPT in one write; a RCPT
+// carries the envelope itself.
+func (tx *transaction) holdsEnvelope(cmd command) bool {
+	return (cmd == cmdMail || cmd == cmdRcpt) && tx.up.Pipelining()
+}
+
+// mailStage is where a failure of MAIL counts: the client's own MAIL
+// until the upstream accepted it once, a replay after.
+func (tx *transaction) mailStage() stage {
+	if tx.mailAccepted {
+		return stageReplay
+	}
+	return stageMail
 }
 
 // acquire borrows an upstream session, waiting at most AcquireTimeout.
@@ -204,21 +251,36 @@ func (tx *transaction) acquire() (*pool.Conn, error) {
 	return nil, fmt.Errorf("%w: %w", errSetup, err)
 }
 
-// replay sends the transaction so far, MAIL and the accepted recipients, on
-// a freshly borrowed session.
-func (tx *transaction) replay(cmd command, c *pool.Conn) error {
+// sendEnvelope sends the transaction so far, MAIL and the accepted
+// recipients, and next, the recipient of the RCPT being relayed, if any,
+// on the session held: one write on an upstream that offers PIPELINING.
+// It returns next's verdict as it is, and a failure of MAIL or of an
+// accepted recipient as a *stagedError.
+func (tx *transaction) sendEnvelope(next *recipient) error {
+	c := tx.up
 	opts, err := upstreamMailOptions(c, tx.from, tx.opts)
 	if err != nil {
-		return err
+		return &stagedError{where: tx.mailStage(), err: err}
 	}
-	ctx := tx.s.b.ctx
-	if err := c.Mail(ctx, upstreamPath(tx.from), opts); err != nil {
-		return err
-	}
+	rcpts := make([]pool.Recipient, 0, len(tx.rcpts)+1)
 	for _, r := range tx.rcpts {
-		if err := c.Rcpt(ctx, upstreamPath(r.to), r.opts); err != nil {
-			return err
+		rcpts = append(rcpts, pool.Recipient{Addr: upstreamPath(r.to), Opts: r.opts})
+	}
+	if next != nil {
+		rcpts = append(rcpts, pool.Recipient{Addr: upstreamPath(next.to), Opts: next.opts})
+	}
+	verdicts, err := c.Envelope(tx.s.b.ctx, upstreamPath(tx.from), opts, rcpts)
+	if err != nil {
+		return &stagedError{where: tx.mailStage(), err: err}
+	}
+	tx.mailAccepted, tx.envelopeSent = true, true
+	for _, err := range verdicts[:len(tx.rcpts)] {
+		if err != nil {
+			return &stagedError{where: stageReplay, err: err}
 		}
+	}
+	if next != nil {
+		return verdicts[len(tx.rcpts)]
 	}
 	return nil
 }
@@ -226,11 +288,20 @@ func (tx *transaction) replay(cmd command, c *pool.Conn) error {
 // judge decides what a failed try means for the transaction, and records
 // it when the transaction can no longer succeed.
 func (tx *transaction) judge(cmd command, where stage, err error) verdict {
-	v := classify(cmd, err)
+	judged := cmd
+	if where == stageMail {
+		judged = cmdMail // a held MAIL's verdict, reported at RCPT
+	}
+	v := classify(judged, err)
+	if where == stageReplay {
+		// The session lacks what the client was told was accepted: a
+		// retry must replay it on a fresh one.
+		v.sameSession = false
+	}
 	var smtpErr *smtp.SMTPError
 	isReply := errors.As(err, &smtpErr)
 	switch {
-	case isReply && smtpErr.Code == 530 && (cmd == cmdMail || where == stageReplay):
+	case isReply && smtpErr.Code == 530 && (judged == cmdMail || where == stageReplay):
 		// Authentication required at MAIL: a pooled session that lost its
 		// AUTH (some upstreams drop it on a repeated EHLO) is retired and
 		// the transaction retried; a fresh one means the set-up is wrong.
@@ -253,6 +324,11 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 	}
 	if errors.Is(err, pool.ErrNoReply) {
 		tx.sentUnanswered = true
+	}
+	if where == stageMail && cmd != cmdMail && !v.retry {
+		// The upstream refused the MAIL the client was told 250 for: the
+		// client hears it at this RCPT, and at every command after.
+		tx.finalReply = v.reply
 	}
 	return v
 }
