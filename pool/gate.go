@@ -47,6 +47,18 @@ func (g *capGate) acquire(ctx context.Context) error {
 	}
 }
 
+// tryAcquire takes a place under the cap if one is free and nobody waits,
+// and reports whether it did.
+func (g *capGate) tryAcquire() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.inUse < g.limit && g.waiters.Len() == 0 {
+		g.inUse++
+		return true
+	}
+	return false
+}
+
 // release gives back a place.
 func (g *capGate) release() {
 	g.mu.Lock()

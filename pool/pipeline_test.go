@@ -265,3 +265,30 @@ func TestLocalNameBeforeSTARTTLS(t *testing.T) {
 		t.Errorf("upstream saw %d connections and %d EHLO, want 1 and 2", st.Conns, st.Commands["EHLO"])
 	}
 }
+
+// TestTryAcquireNeverDialsOrWaits: TryAcquire lends an idle session, and
+// returns nil, without dialling, when none is idle or the cap is reached.
+func TestTryAcquireNeverDialsOrWaits(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MaxConns: 1})
+	if c := p.TryAcquire(); c != nil {
+		t.Fatal("TryAcquire lent a session from an empty pool")
+	}
+	c := acquire(t, p)
+	id := c.ID()
+	if p.TryAcquire() != nil {
+		t.Fatal("TryAcquire lent a session past the cap")
+	}
+	c.Release()
+	c = p.TryAcquire()
+	if c == nil || c.ID() != id {
+		t.Fatalf("TryAcquire with a session idle: %v, want session %d", c, id)
+	}
+	if err := send(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	c.Release()
+	if st, n := p.Stat(), up.Stats().Conns; n != 1 || st.ConnsOpened != 1 || st.ConnectFailures != 0 || st.TotalConns != 1 {
+		t.Errorf("upstream saw %d connections; pool %+v; want one session, no failure", n, st)
+	}
+}

@@ -103,6 +103,40 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	return c, err
 }
 
+// TryAcquire returns a session ready for a new transaction if one is idle
+// now and Acquire would not wait for the cap or the rate limit, and nil
+// otherwise. It never dials, waits or checks a session with NOOP: a
+// session that has idled past PingAfterIdle is left to Acquire. The caller
+// must Release the Conn.
+func (p *Pool) TryAcquire() *Conn {
+	if p.limiter != nil || p.p.Stat().IdleResources() == 0 || !p.gate.tryAcquire() {
+		return nil
+	}
+	// puddle starts dialling in the background when nothing is idle (the
+	// idle session seen above may have gone meanwhile); with a context
+	// that has ended, that dial ends at once (see connect).
+	res, err := p.p.TryAcquire(endedContext)
+	if err != nil {
+		p.gate.release()
+		return nil
+	}
+	s := res.Value()
+	if s.transactions > 0 && p.retireReason(res, false) != closeNone || res.IdleDuration() > p.cfg.PingAfterIdle {
+		res.ReleaseUnused()
+		p.gate.release()
+		return nil
+	}
+	s.transactions++
+	return &Conn{res: res, pool: p}
+}
+
+// endedContext is a context that has ended.
+var endedContext = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
+
 // acquire takes a usable session from puddle, within the gate.
 func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 	// Each pass either returns or closes a session, so the loop ends; the

@@ -50,6 +50,9 @@ func newUpstreams(cfg Config) ([]*upstream, error) {
 // due, if another entry follows it. While the only (or last) entry is
 // down, the prober lets one attempt at a time through.
 func (p *Pool) connect(ctx context.Context) (*session, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err // TryAcquire's background dial: nothing to do, nothing to count
+	}
 	var err error
 	for i, u := range p.upstreams {
 		last := i == len(p.upstreams)-1

@@ -66,12 +66,21 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 
 	tx.mu.Lock()
 	defer tx.mu.Unlock()
-	err := s.watching(tx, func() error {
+	relayMail := func() error {
 		return tx.relay(cmdMail, func(_ context.Context, c *pool.Conn) error {
 			_, err := upstreamMailOptions(c, tx.from, tx.opts)
 			return err
 		})
-	})
+	}
+	var err error
+	if tx.tryAcquire() && tx.up.Pipelining() {
+		// An idle session, and MAIL held for the first RCPT: nothing to
+		// wait for, so no need to watch the client meanwhile (which costs
+		// a goroutine and a read).
+		err = relayMail()
+	} else {
+		err = s.watching(tx, relayMail)
+	}
 	if err != nil {
 		s.detach(tx)
 		tx.finishLocked()
@@ -136,15 +145,21 @@ func (s *session) Data(r io.Reader) error {
 		// a client that leaves by calling Logout.
 		run = func(_ *transaction, f func() error) error { return f() }
 	}
-	if err := run(tx, tx.reserveBuffer); err != nil {
-		return err
+	// Watching the client costs a goroutine and a read: only steps that
+	// may wait are watched.
+	if !tx.tryReserveBuffer() {
+		if err := run(tx, tx.reserveBuffer); err != nil {
+			return err
+		}
 	}
 	defer tx.releaseBuffer()
 	// Hold an upstream session before reading the message, so that
 	// messages are read into memory only as fast as sessions free up.
 	// (go-smtp drains the message when Data returns early.)
-	if err := run(tx, func() error { return tx.relay(cmdData, nil) }); err != nil {
-		return err
+	if !tx.envelopeReady() {
+		if err := run(tx, func() error { return tx.relay(cmdData, nil) }); err != nil {
+			return err
+		}
 	}
 	if err := tx.readMessage(r); err != nil {
 		return err

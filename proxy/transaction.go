@@ -181,12 +181,7 @@ func (tx *transaction) try(cmd command, step func(context.Context, *pool.Conn) e
 		if err != nil {
 			return stageAcquire, err
 		}
-		tx.up = c
-		tx.envelopeSent = false
-		tx.attempts++
-		if tx.timer == nil {
-			tx.timer = time.AfterFunc(tx.s.b.cfg.TransactionTimeout, tx.expire)
-		}
+		tx.adopt(c)
 	}
 	if !tx.envelopeSent && !tx.holdsEnvelope(cmd) {
 		if err := tx.sendEnvelope(nil); err != nil {
@@ -225,6 +220,30 @@ func (tx *transaction) mailStage() stage {
 	return stageMail
 }
 
+// adopt makes c, just borrowed, the session that carries the transaction.
+func (tx *transaction) adopt(c *pool.Conn) {
+	tx.up = c
+	tx.upID, tx.upAddr = c.ID(), c.Upstream()
+	tx.envelopeSent = false
+	tx.attempts++
+	if tx.timer == nil {
+		tx.timer = time.AfterFunc(tx.s.b.cfg.TransactionTimeout, tx.expire)
+	}
+}
+
+// tryAcquire borrows an idle upstream session if one is free now, without
+// waiting, and reports whether it did.
+func (tx *transaction) tryAcquire() bool {
+	b := tx.s.b
+	c := b.pool.TryAcquire()
+	if c == nil {
+		return false
+	}
+	b.cfg.Observer.AcquireWaited(0)
+	tx.adopt(c)
+	return true
+}
+
 // acquire borrows an upstream session, waiting at most AcquireTimeout.
 func (tx *transaction) acquire() (*pool.Conn, error) {
 	b := tx.s.b
@@ -240,7 +259,6 @@ func (tx *transaction) acquire() (*pool.Conn, error) {
 			b.log.Debug("waited for an upstream session", "client", tx.s.client,
 				"waited", waited.Round(time.Millisecond).String(), "pool", b.pool.Stat())
 		}
-		tx.upID, tx.upAddr = c.ID(), c.Upstream()
 		return c, nil
 	case tx.ctx.Err() != nil:
 		return nil, context.Cause(tx.ctx)
@@ -355,14 +373,31 @@ func (tx *transaction) stopped() error {
 	return v.reply
 }
 
+// envelopeReady reports whether the transaction holds an upstream session
+// that has its whole envelope, so that the message can be relayed
+// without waiting for anything else.
+func (tx *transaction) envelopeReady() bool {
+	return tx.finalReply == nil && !tx.ended && tx.up != nil && tx.envelopeSent
+}
+
+// tryReserveBuffer takes the message's share of the buffer budget if it
+// is free now, and reports whether it did.
+func (tx *transaction) tryReserveBuffer() bool {
+	n := tx.s.b.cfg.MaxMessageBytes
+	if !tx.s.b.buffers.TryAcquire(n) {
+		return false
+	}
+	tx.reserve(n)
+	return true
+}
+
 // reserveBuffer takes the message's share of the buffer budget before it
 // is read. When none is free, it first gives the upstream session back, so
 // that transactions that hold the budget and wait for a session can finish.
 func (tx *transaction) reserveBuffer() error {
 	b := tx.s.b
 	n := b.cfg.MaxMessageBytes
-	if b.buffers.TryAcquire(n) {
-		tx.reserve(n)
+	if tx.tryReserveBuffer() {
 		return nil
 	}
 	tx.releaseUpstream()
