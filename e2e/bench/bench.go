@@ -7,6 +7,7 @@ import (
 	"maps"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -31,6 +32,23 @@ type plan struct {
 	inflightK, inflightBytes, inflightDelay int
 
 	latencyPairs int
+
+	// Measurement 7: sessions of each relay, messages per burst, rounds,
+	// and messages per one-session run at RTT 0 (halved at 5 ms, again at
+	// 20 ms, and more, so that each run takes a few seconds).
+	netN, netMessages, netRounds, netSingle int
+}
+
+// netSingleMessages is the size of a one-session run of measurement 7 at
+// rtt.
+func (p plan) netSingleMessages(rtt time.Duration) int {
+	switch {
+	case rtt >= 20*time.Millisecond:
+		return max(p.netSingle/8, 10)
+	case rtt > 0:
+		return max(p.netSingle/2, 10)
+	}
+	return p.netSingle
 }
 
 func fullPlan() plan {
@@ -41,6 +59,7 @@ func fullPlan() plan {
 		idleClients: 1000,
 		inflightK:   200, inflightBytes: 256 << 10, inflightDelay: 3,
 		latencyPairs: 500,
+		netN:         10, netMessages: 1000, netRounds: 3, netSingle: 400,
 	}
 }
 
@@ -52,18 +71,22 @@ func quickPlan() plan {
 	p.pfMessages, p.pfRounds = 500, 1
 	p.inflightK, p.inflightDelay = 50, 2
 	p.latencyPairs = 100
+	p.netMessages, p.netRounds, p.netSingle = 300, 1, 160
 	return p
 }
 
 // bench is one run: where things are, and what was found.
 type bench struct {
-	plan    plan
-	root    string // module root
-	tmp     string // scratch folder, removed at the end
-	bin     string // the smtppool binary built for this run
-	start   time.Time
-	figs    []figure
-	details []string // method and secondary numbers, for the Markdown report
+	plan plan
+	root string // module root
+	tmp  string // scratch folder, removed at the end
+	bin  string // the smtppool binary built for this run
+	// baseline is another smtppool binary, built from baselineRef, that
+	// measurements 1 and 7 measure beside bin; empty for none.
+	baseline, baselineRef string
+	start                 time.Time
+	figs                  []figure
+	details               []string // method and secondary numbers, for the Markdown report
 }
 
 // step is one measurement.
@@ -76,11 +99,12 @@ type step struct {
 
 func (b *bench) steps() []step {
 	return []step{
-		{"1", "relay cost, and 4 and 5b from the same run", b.relayFigures(), b.measureRelay},
+		{"1", "relay cost, and 4 and 5b from the same run", append(b.relayFigures(), b.relayBaselineFigure()...), b.measureRelay},
 		{"2", "pool efficiency against a slow upstream", b.poolFigures(), b.measurePool},
 		{"3", "versus a Postfix relay, and 4 from the same run", b.postfixFigures(), b.measurePostfix},
 		{"5", "memory: idle clients and messages in flight", b.memoryFigures(), b.measureMemory},
 		{"6", "added latency at low load", b.latencyFigures(), b.measureLatency},
+		{"7", "round trips: a Postfix upstream behind a delay link", b.networkFigures(), b.measureNetwork},
 	}
 }
 
@@ -88,7 +112,7 @@ func (b *bench) steps() []step {
 func (b *bench) checkOnly(only map[string]bool) error {
 	for id := range only {
 		if !slices.ContainsFunc(b.steps(), func(s step) bool { return s.id == id }) {
-			return fmt.Errorf("-only %s: no such measurement (1, 2, 3, 5 or 6; 4 comes with 1 and 3, 5b with 1)", id)
+			return fmt.Errorf("-only %s: no such measurement (1, 2, 3, 5, 6 or 7; 4 comes with 1 and 3, 5b with 1)", id)
 		}
 	}
 	return nil
@@ -121,7 +145,17 @@ func (b *bench) setup(ctx context.Context) error {
 	if err := peers.BuildProxy(ctx, b.root, b.bin, false); err != nil {
 		return err
 	}
+	if b.baselineRef != "" {
+		b.baseline = filepath.Join(b.tmp, "smtppool-baseline")
+		b.logf("building the baseline smtppool from %s", b.baselineRef)
+		if err := buildRef(ctx, b.root, b.baselineRef, b.tmp, b.baseline); err != nil {
+			return err
+		}
+	}
 	b.detail("Machine: %s. smtppool %s. %s.", machineSummary(), gitDescribe(b.root), postfixVersion())
+	if b.baseline != "" {
+		b.detail("Baseline: smtppool built from %s (commit %s), measured beside this one in measurements 1 and 7.", b.baselineRef, gitRev(b.root, b.baselineRef))
+	}
 	return nil
 }
 
@@ -168,9 +202,14 @@ func (b *bench) startSink(g *peers.Group, delay int) (*peers.Sink, error) {
 // defaults: plain text to the upstream, logging at warn (nothing is logged
 // per message at that level).
 func (b *bench) startProxy(g *peers.Group, upstream string, settings map[string]string) (*peers.Proxy, error) {
+	return b.startProxyBin(g, b.bin, upstream, settings)
+}
+
+// startProxyBin is startProxy with the smtppool binary bin.
+func (b *bench) startProxyBin(g *peers.Group, bin, upstream string, settings map[string]string) (*peers.Proxy, error) {
 	env := map[string]string{"SMTPPOOL_UPSTREAM_TLS": "none", "SMTPPOOL_LOG_LEVEL": "warn"}
 	maps.Copy(env, settings)
-	return peers.StartProxy(g, b.bin, upstream, env)
+	return peers.StartProxy(g, bin, upstream, env)
 }
 
 // proxyShutdownTimeout bounds smtppool's exit after SIGTERM; it has no
@@ -193,4 +232,42 @@ func (b *bench) add(figs ...figure) { b.figs = append(b.figs, figs...) }
 func firstLine(s string) string {
 	line, _, _ := strings.Cut(s, "\n")
 	return line
+}
+
+// buildRef builds the smtppool of the git commit ref of the repository at
+// root into out, from a copy of its tree in a scratch folder under tmp.
+func buildRef(ctx context.Context, root, ref, tmp, out string) error {
+	src, err := os.MkdirTemp(tmp, "baseline-src-")
+	if err != nil {
+		return err
+	}
+	archive := exec.CommandContext(ctx, "git", "-C", root, "archive", "--format=tar", ref)
+	extract := exec.CommandContext(ctx, "tar", "-x", "-C", src)
+	pipe, err := archive.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	extract.Stdin = pipe
+	var stderr strings.Builder
+	archive.Stderr, extract.Stderr = &stderr, &stderr
+	if err := extract.Start(); err != nil {
+		return fmt.Errorf("tar: %w", err)
+	}
+	if err := archive.Run(); err != nil {
+		extract.Wait()
+		return fmt.Errorf("git archive %s: %w: %s", ref, err, stderr.String())
+	}
+	if err := extract.Wait(); err != nil {
+		return fmt.Errorf("tar: %w: %s", err, stderr.String())
+	}
+	return peers.BuildProxy(ctx, src, out, false)
+}
+
+// gitRev returns the short hash of ref in the repository at root.
+func gitRev(root, ref string) string {
+	out, err := exec.Command("git", "-C", root, "rev-parse", "--short", ref).Output()
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(out))
 }

@@ -78,9 +78,10 @@ func exitCode(err error) int {
 
 // options are the command line's.
 type options struct {
-	quick bool
-	out   string          // folder for the results; empty for the default
-	only  map[string]bool // measurements to run; empty for all
+	quick    bool
+	baseline string          // git ref of an smtppool to measure beside this one; empty for none
+	out      string          // folder for the results; empty for the default
+	only     map[string]bool // measurements to run; empty for all
 }
 
 func parseFlags(args []string) (options, error) {
@@ -88,10 +89,11 @@ func parseFlags(args []string) (options, error) {
 	quick := fs.Bool("quick", false, "short smoke run (under a minute); results go to a temporary folder unless -out is given")
 	out := fs.String("out", "", "folder for results.md and results.svg (default: e2e/bench of the module for a full run, a temporary folder with -quick or -only)")
 	only := fs.String("only", "", "comma-separated measurements to run, e.g. 1,3 (default: all)")
+	baseline := fs.String("baseline", "", "git ref of an smtppool to measure beside this one in measurements 1 and 7, e.g. main (default: none)")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
-	o := options{quick: *quick, out: *out, only: map[string]bool{}}
+	o := options{quick: *quick, out: *out, only: map[string]bool{}, baseline: *baseline}
 	for _, m := range strings.Split(*only, ",") {
 		if m = strings.TrimSpace(m); m != "" {
 			o.only[m] = true
@@ -108,7 +110,7 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return cannotRun{err}
 	}
-	b := &bench{plan: fullPlan(), start: time.Now()}
+	b := &bench{plan: fullPlan(), start: time.Now(), baselineRef: opts.baseline}
 	if opts.quick {
 		b.plan = quickPlan()
 	}

@@ -25,6 +25,15 @@ func (b *bench) relayFigures() []figure {
 	}
 }
 
+// relayBaselineFigure is measurement 1's figure for the baseline, if any.
+func (b *bench) relayBaselineFigure() []figure {
+	if b.baseline == "" {
+		return nil
+	}
+	return []figure{{ID: "1", Name: fmt.Sprintf("Before (%s): Throughput via smtppool ÷ direct (median of %d rounds)", b.baselineRef, b.plan.relayPairs),
+		Short: "Before: Throughput, smtppool ÷ direct", Digits: 2, Target: 0.6, Dir: atLeast}}
+}
+
 // relaySide is what the runs of one side, direct or via smtppool, measured.
 type relaySide struct {
 	msgs                int // sent in all, warm-up included
@@ -42,6 +51,12 @@ type relayRun struct {
 	timeout         time.Duration
 	direct, proxied relaySide
 	ratios          []float64
+	// The baseline, if any: its own smtp-sink and smtppool, measured
+	// against the same direct runs.
+	base       relaySide
+	baseSk     *peers.Sink
+	basePx     *peers.Proxy
+	baseRatios []float64
 }
 
 // measureRelay is measurement 1. One smtp-sink takes both the direct and
@@ -60,15 +75,34 @@ func (b *bench) measureRelay(g *peers.Group) error {
 	if r.px, err = b.startProxy(g, r.sk.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(pl.relayMaxConns)}); err != nil {
 		return err
 	}
+	if b.baseline != "" {
+		if r.baseSk, err = b.startSink(g, 0); err != nil {
+			return err
+		}
+		if r.basePx, err = b.startProxyBin(g, b.baseline, r.baseSk.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(pl.relayMaxConns)}); err != nil {
+			return err
+		}
+	}
 	// Warm-up, not measured: loads the programs, fills the pool.
 	warm := min(500, pl.relayMessages)
-	for _, s := range []*relaySide{&r.direct, &r.proxied} {
+	for _, s := range r.sides() {
 		if _, err := peers.RunSource(g, r.addr(s), r.source(warm), r.timeout); err != nil {
 			return err
 		}
 		s.msgs += warm
 	}
 	for i := range pl.relayPairs {
+		if r.basePx != nil {
+			rates, err := r.rotation(i)
+			if err != nil {
+				return err
+			}
+			d, p, base := rates[0], rates[1], rates[2]
+			r.ratios = append(r.ratios, p/d)
+			r.baseRatios = append(r.baseRatios, base/d)
+			b.logf("  round %d: direct %.0f msg/s, via smtppool %.0f msg/s, ratio %.3f; before %.0f msg/s, ratio %.3f", i+1, d, p, p/d, base, base/d)
+			continue
+		}
 		d, p, err := r.pair(i%2 == 1)
 		if err != nil {
 			return err
@@ -94,10 +128,37 @@ func (b *bench) measureRelay(g *peers.Group) error {
 }
 
 func (r *relayRun) addr(s *relaySide) string {
-	if s == &r.direct {
+	switch s {
+	case &r.direct:
 		return r.sk.Addr
+	case &r.base:
+		return r.basePx.Addr
 	}
 	return r.px.Addr
+}
+
+// sides returns direct, via smtppool, and via the baseline if there is one.
+func (r *relayRun) sides() []*relaySide {
+	if r.basePx != nil {
+		return []*relaySide{&r.direct, &r.proxied, &r.base}
+	}
+	return []*relaySide{&r.direct, &r.proxied}
+}
+
+// rotation runs direct, via smtppool and via the baseline, starting with
+// the i-th (mod 3), and returns their throughputs in that fixed order.
+func (r *relayRun) rotation(i int) ([]float64, error) {
+	sides := r.sides()
+	rates := make([]float64, len(sides))
+	for k := range sides {
+		j := (i + k) % len(sides)
+		rate, err := r.measured(sides[j])
+		if err != nil {
+			return nil, err
+		}
+		rates[j] = rate
+	}
+	return rates, nil
 }
 
 func (r *relayRun) source(messages int) peers.SourceOptions {
@@ -123,6 +184,16 @@ func (r *relayRun) pair(proxiedFirst bool) (direct, proxied float64, err error) 
 // throughput, adding the CPU time that the client, the sink and smtppool
 // spent to the side's.
 func (r *relayRun) measured(s *relaySide) (float64, error) {
+	if s == &r.base {
+		res, err := peers.RunSource(r.g, r.addr(s), r.source(r.pl.relayMessages), r.timeout)
+		if err != nil {
+			return 0, err
+		}
+		rate := float64(r.pl.relayMessages) / res.Wall.Seconds()
+		s.msgs += r.pl.relayMessages
+		s.rates = append(s.rates, rate)
+		return rate, r.basePx.Alive()
+	}
 	sk0, px0, err := r.cpu()
 	if err != nil {
 		return 0, err
@@ -183,6 +254,12 @@ func (b *bench) relayReport(r *relayRun, c peers.SinkCounters, warm int, hwmMiB 
 	b.detail("4. Upstream sessions: smtp-sink counted %d sessions in all; %d were direct messages, so smtppool opened %d for %d relayed messages (%.1f per 1,000; target N + 1000/100 = %d + 10).",
 		c.Sess, r.direct.msgs, upstream, r.proxied.msgs, figs[2].Value, pl.relayMaxConns)
 	b.detail("5b. VmHWM of the smtppool that served the whole relay run: %.1f MiB.", figs[3].Value)
+	if base := b.relayBaselineFigure(); base != nil {
+		base[0].Value = median(r.baseRatios)
+		b.detail("1. Before (%s), an smtppool of its own with an smtp-sink of its own, in the same rounds (direct, this smtppool, the baseline, in rotating order): median %.0f msg/s (%s); ratios to direct %s.",
+			b.baselineRef, median(r.base.rates), fmtList(r.base.rates, 0), fmtList(r.baseRatios, 3))
+		figs = append(figs, base...)
+	}
 	for _, f := range figs {
 		if math.IsNaN(f.Value) {
 			return fmt.Errorf("%s: no value", f.Name)

@@ -119,6 +119,11 @@ func Poll(ctx context.Context, timeout time.Duration, what string, cond func() (
 	return pollEvery(ctx, pollInterval, timeout, what, cond)
 }
 
+// PollEvery is Poll, checking cond every interval.
+func PollEvery(ctx context.Context, every, timeout time.Duration, what string, cond func() (ok bool, status string)) error {
+	return pollEvery(ctx, every, timeout, what, cond)
+}
+
 func pollEvery(ctx context.Context, every, timeout time.Duration, what string, cond func() (bool, string)) error {
 	deadline := time.Now().Add(timeout)
 	tick := time.NewTicker(every)

@@ -228,3 +228,47 @@ func (p *Postfix) LogSince(offset int) string {
 
 // LogCount counts the occurrences of s in the log.
 func (p *Postfix) LogCount(s string) int { return strings.Count(p.Log(), s) }
+
+// LogCounter counts the lines of an instance's log that hold a string,
+// from its making on, reading only what was added since its last count.
+type LogCounter struct {
+	path, s string
+	off     int64
+	n       int
+	rest    []byte // a line not yet ended
+}
+
+// CountFromNow returns a counter of the log lines holding s logged from
+// now on.
+func (p *Postfix) CountFromNow(s string) *LogCounter {
+	c := &LogCounter{path: filepath.Join(p.Dir, "postfix.log"), s: s}
+	if fi, err := os.Stat(c.path); err == nil {
+		c.off = fi.Size()
+	}
+	return c
+}
+
+// Count returns the number of lines holding the string so far.
+func (c *LogCounter) Count() int {
+	f, err := os.Open(c.path)
+	if err != nil {
+		return c.n
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := f.ReadAt(buf, c.off)
+		c.off += int64(n)
+		data := append(c.rest, buf[:n]...)
+		end := strings.LastIndexByte(string(data), '\n')
+		if end >= 0 {
+			c.n += strings.Count(string(data[:end]), c.s)
+			c.rest = append([]byte(nil), data[end+1:]...)
+		} else {
+			c.rest = data
+		}
+		if err != nil || n == 0 {
+			return c.n
+		}
+	}
+}

@@ -19,31 +19,48 @@ import (
 // Everything else, including the disk queue and its fsyncs, is Postfix's
 // default.
 func StartRelay(o Owner, parent string, sinkPort, n int) (*Postfix, error) {
+	sinkDest := fmt.Sprintf("[127.0.0.1]:%d", sinkPort)
+	return startPrivate(o, parent, "postfix-relay", fmt.Sprintf(relayMainCF, sinkDest, n))
+}
+
+// StartDiscard starts a Postfix instance in a new folder in parent, on a
+// free port, that accepts mail from loopback for any recipient and
+// discards it once queued: an upstream with what Postfix's smtpd offers
+// (PIPELINING, CHUNKING, 8BITMIME, SMTPUTF8) and costs (a queue file per
+// message), whose log says when each message was taken ("status=sent").
+// The owner's cleanup stops it.
+func StartDiscard(o Owner, parent string) (*Postfix, error) {
+	return startPrivate(o, parent, "postfix-discard", discardMainCF)
+}
+
+// startPrivate sets up a Postfix instance named name in a new folder in
+// parent, with the common settings and extra in its main.cf, and starts
+// it on a free port.
+func startPrivate(o Owner, parent, name, extra string) (*Postfix, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, err
 	}
-	p := newPostfix(filepath.Join(parent, fmt.Sprintf("postfix-relay-%d", port)), port)
+	p := newPostfix(filepath.Join(parent, fmt.Sprintf("%s-%d", name, port)), port)
 	p.Limit = 1000 // smtpd_client_connection_count_limit
 	for _, sub := range []string{"etc", "spool", "data"} {
 		if err := os.MkdirAll(filepath.Join(p.Dir, sub), 0o755); err != nil {
-			return nil, fmt.Errorf("postfix relay folder: %w", err)
+			return nil, fmt.Errorf("postfix folder: %w", err)
 		}
 	}
 	if err := os.Chmod(p.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("postfix relay folder: %w", err)
+		return nil, fmt.Errorf("postfix folder: %w", err)
 	}
 	if out, err := exec.Command("chown", "postfix:postfix", filepath.Join(p.Dir, "data")).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("chown postfix data directory: %w: %s", err, out)
 	}
-	sinkDest := fmt.Sprintf("[127.0.0.1]:%d", sinkPort)
 	files := map[string]string{
-		"main.cf":   fmt.Sprintf(relayMainCF, p.Dir, sinkDest, n),
+		"main.cf":   fmt.Sprintf(commonMainCF, p.Dir) + extra,
 		"master.cf": fmt.Sprintf(relayMasterCF, port),
 	}
 	for name, text := range files {
 		if err := os.WriteFile(filepath.Join(p.etc, name), []byte(text), 0o644); err != nil {
-			return nil, fmt.Errorf("postfix relay configuration: %w", err)
+			return nil, fmt.Errorf("postfix configuration: %w", err)
 		}
 	}
 	if out, err := exec.Command("postfix", "-c", p.etc, "check").CombinedOutput(); err != nil {
@@ -52,9 +69,8 @@ func StartRelay(o Owner, parent string, sinkPort, n int) (*Postfix, error) {
 	return p, p.startOwned(o)
 }
 
-// relayMainCF is the relay's main.cf: %[1]s its folder, %[2]s the sink,
-// %[3]d its concurrency.
-const relayMainCF = `compatibility_level = 3.6
+// commonMainCF is the main.cf of every private instance: %[1]s its folder.
+const commonMainCF = `compatibility_level = 3.6
 config_directory = %[1]s/etc
 queue_directory = %[1]s/spool
 data_directory = %[1]s/data
@@ -65,7 +81,6 @@ mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost = %[2]s
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtp_dns_support_level = disabled
 smtp_host_lookup = native
@@ -75,16 +90,26 @@ alias_database =
 local_recipient_maps =
 biff = no
 maillog_file = %[1]s/postfix.log
-maillog_file_prefixes = /var, /dev/stdout, %[1]s
+maillog_file_prefixes = /var, /dev/stdout, /dev/shm, %[1]s
 smtpd_client_connection_count_limit = 1000
 smtpd_client_connection_rate_limit = 0
 default_process_limit = 200
-default_destination_concurrency_limit = %[3]d
-smtp_destination_concurrency_limit = %[3]d
-relay_destination_concurrency_limit = %[3]d
-initial_destination_concurrency = %[3]d
+`
+
+// discardMainCF ends a discarding instance's main.cf.
+const discardMainCF = `default_transport = discard:bench
+relay_transport = discard:bench
+`
+
+// relayMainCF ends a relay's main.cf: %[1]s the sink, %[2]d its
+// concurrency.
+const relayMainCF = `relayhost = %[1]s
+default_destination_concurrency_limit = %[2]d
+smtp_destination_concurrency_limit = %[2]d
+relay_destination_concurrency_limit = %[2]d
+initial_destination_concurrency = %[2]d
 smtp_connection_cache_on_demand = yes
-smtp_connection_cache_destinations = %[2]s
+smtp_connection_cache_destinations = %[1]s
 `
 
 // relayMasterCF is the relay's master.cf: %d its port.
