@@ -31,7 +31,8 @@ func (b *bench) relayBaselineFigure() []figure {
 		return nil
 	}
 	return []figure{{ID: "1", Name: fmt.Sprintf("Before (%s): Throughput via smtppool ÷ direct (median of %d rounds)", b.baselineRef, b.plan.relayPairs),
-		Short: "Before: Throughput, smtppool ÷ direct", Digits: 2, Target: 0.6, Dir: atLeast}}
+		Short: "Before: Throughput, smtppool ÷ direct", Digits: 2, Target: 0.6, Dir: atLeast},
+		{ID: "1", Name: fmt.Sprintf("Before (%s): smtppool CPU time per 1,000 messages (user+sys)", b.baselineRef), Unit: "s", Digits: 3}}
 }
 
 // relaySide is what the runs of one side, direct or via smtppool, measured.
@@ -185,13 +186,22 @@ func (r *relayRun) pair(proxiedFirst bool) (direct, proxied float64, err error) 
 // spent to the side's.
 func (r *relayRun) measured(s *relaySide) (float64, error) {
 	if s == &r.base {
+		px0, err := procCPU(r.basePx.Pid(), r.hz)
+		if err != nil {
+			return 0, err
+		}
 		res, err := peers.RunSource(r.g, r.addr(s), r.source(r.pl.relayMessages), r.timeout)
+		if err != nil {
+			return 0, err
+		}
+		px1, err := procCPU(r.basePx.Pid(), r.hz)
 		if err != nil {
 			return 0, err
 		}
 		rate := float64(r.pl.relayMessages) / res.Wall.Seconds()
 		s.msgs += r.pl.relayMessages
 		s.rates = append(s.rates, rate)
+		s.proxy = s.proxy.add(px1.sub(px0))
 		return rate, r.basePx.Alive()
 	}
 	sk0, px0, err := r.cpu()
@@ -255,7 +265,10 @@ func (b *bench) relayReport(r *relayRun, c peers.SinkCounters, warm int, hwmMiB 
 		c.Sess, r.direct.msgs, upstream, r.proxied.msgs, figs[2].Value, pl.relayMaxConns)
 	b.detail("5b. VmHWM of the smtppool that served the whole relay run: %.1f MiB.", figs[3].Value)
 	if base := b.relayBaselineFigure(); base != nil {
-		base[0].Value = median(r.baseRatios)
+		bc := cpuPerK(r.base.proxy)
+		base[0].Value, base[1].Value = median(r.baseRatios), bc.total()
+		b.detail("1. CPU seconds per 1,000 messages, this smtppool ÷ before: %.3f ÷ %.3f = %.2f; throughput, this ÷ before, per round: %s.",
+			pc.total(), bc.total(), pc.total()/bc.total(), fmtList(ratiosOf(r.proxied.rates, r.base.rates), 3))
 		b.detail("1. Before (%s), an smtppool of its own with an smtp-sink of its own, in the same rounds (direct, this smtppool, the baseline, in rotating order): median %.0f msg/s (%s); ratios to direct %s.",
 			b.baselineRef, median(r.base.rates), fmtList(r.base.rates, 0), fmtList(r.baseRatios, 3))
 		figs = append(figs, base...)
@@ -267,4 +280,13 @@ func (b *bench) relayReport(r *relayRun, c peers.SinkCounters, warm int, hwmMiB 
 	}
 	b.add(figs...)
 	return nil
+}
+
+// ratiosOf divides a by b, element by element.
+func ratiosOf(a, b []float64) []float64 {
+	out := make([]float64, min(len(a), len(b)))
+	for i := range out {
+		out[i] = a[i] / b[i]
+	}
+	return out
 }
