@@ -118,6 +118,11 @@ func (b *bench) measureNetwork(g *peers.Group) error {
 		}
 		mean, chunks := r.link.Measured()
 		r.measured = append(r.measured, fmt.Sprintf("%v: %.2f ms over %d chunks", rtt/2, float64(mean)/1e6, chunks))
+		// The figures hold only if the link delayed as set: a loaded
+		// machine makes its timers late.
+		if off := mean - rtt/2; off > linkTolerance(rtt/2) || off < -linkTolerance(rtt/2) {
+			return fmt.Errorf("RTT %v: the delay link's mean one-way delay was %v, not %v: the machine is too loaded for its timers", rtt, mean, rtt/2)
+		}
 	}
 	b.networkReport(r)
 	return nil
@@ -326,4 +331,10 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	}
+}
+
+// linkTolerance is how far the delay link's mean one-way delay may be from
+// oneWay: half a millisecond plus a tenth.
+func linkTolerance(oneWay time.Duration) time.Duration {
+	return 500*time.Microsecond + oneWay/10
 }

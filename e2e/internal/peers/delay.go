@@ -175,12 +175,7 @@ func (l *DelayLink) line(dst, src net.Conn) {
 		if wait := time.Until(c.due) - time.Duration(l.early.Load()); wait > 0 {
 			timer.Reset(wait)
 			<-timer.C
-			// Learn from this timer: an eighth of its lateness.
-			late := time.Since(c.due)
-			l.early.Add(int64(late) / 8)
-			if l.early.Load() < 0 {
-				l.early.Store(0)
-			}
+			l.learn(time.Since(c.due))
 		}
 		if c.counting {
 			l.crossings.Add(1)
@@ -199,6 +194,17 @@ func (l *DelayLink) line(dst, src net.Conn) {
 			src.Close()
 		}
 	}
+}
+
+// maxEarly bounds how early timers are set: lateness beyond it is the
+// machine's load, not the timers' granularity, and is left in the delay.
+const maxEarly = 2 * time.Millisecond
+
+// learn moves how early timers are set by an eighth of the error of the
+// last one, late positive, early negative, within 0 and maxEarly.
+func (l *DelayLink) learn(late time.Duration) {
+	early := time.Duration(l.early.Load()) + late/8
+	l.early.Store(int64(min(max(early, 0), maxEarly)))
 }
 
 // stop closes the listener and every connection, and waits for the relays

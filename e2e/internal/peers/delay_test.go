@@ -132,3 +132,22 @@ func TestDelayLinkIsRightOnAverage(t *testing.T) {
 		t.Errorf("mean round trip %v, want %v, a little more for the echo", rtt, 2*oneWay)
 	}
 }
+
+// TestDelayLinkLearnsWithinBounds: timers late because the machine is
+// loaded do not make the link set them ever earlier, and early timers
+// bring it back.
+func TestDelayLinkLearnsWithinBounds(t *testing.T) {
+	l := &DelayLink{}
+	for range 100 {
+		l.learn(20 * time.Millisecond)
+	}
+	if got := time.Duration(l.early.Load()); got != maxEarly {
+		t.Errorf("after late timers, timers set %v early, want the bound %v", got, maxEarly)
+	}
+	for range 100 {
+		l.learn(-time.Millisecond)
+	}
+	if got := l.early.Load(); got != 0 {
+		t.Errorf("after early timers, timers set %v early, want 0", time.Duration(got))
+	}
+}
