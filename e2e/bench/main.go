@@ -29,8 +29,8 @@
 //
 // Run it as root from the repository root:
 //
-//	go run ./e2e/bench          # full run, about 1.5 minutes; writes e2e/bench/results.{md,svg}
-//	go run ./e2e/bench -quick   # smoke run, about 25 s; writes to a temporary folder
+//	go run ./e2e/bench          # full run, about 6 minutes; writes e2e/bench/results.{md,svg}
+//	go run ./e2e/bench -quick   # smoke run, about a minute; writes to a temporary folder
 //
 // It needs Postfix's smtp-sink and smtp-source, Postfix itself, ss and
 // getconf. It runs them with the harness the end-to-end tests use
