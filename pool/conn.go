@@ -220,6 +220,7 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		if !sent { // a chunk was refused before the last was written
 			return "", c.done(ctx, "end of DATA", err, 0)
 		}
+		err = fmt.Errorf("%w: %w", ErrAfterMessage, err)
 	default:
 		s.broken = true
 		if sent {

@@ -21,6 +21,11 @@ var ErrClosed = errors.New("pool closed")
 // upstream may or may not have accepted the message.
 var ErrNoReply = errors.New("connection lost after the end of the message, before the reply")
 
+// ErrAfterMessage wraps the upstream's refusal of a message that was
+// written whole, final dot or last chunk included. An upstream that
+// answers 4xx there may still have kept the message.
+var ErrAfterMessage = errors.New("refused after the whole message was written")
+
 // ErrInvalidArgument means a command was refused before it was sent: its
 // argument holds CR, LF or NUL, which would end or corrupt the command line.
 // The session stays healthy.

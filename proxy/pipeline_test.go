@@ -189,3 +189,22 @@ func TestReplayedRecipientRefusedTransientlyIsNotDropped(t *testing.T) {
 		t.Fatalf("upstream got %+v, want one message to %v", msgs, to)
 	}
 }
+
+// TestPermanentRefusalAfterAKept4xxIsA4xx: an upstream that kept a message
+// but answered 451 for it, then refuses the resend with a 5xx, may hold
+// the message: the client gets 451, never the 5xx. (Found by fuzzing:
+// corpus entry 32213638e348bc76.)
+func TestPermanentRefusalAfterAKept4xxIsA4xx(t *testing.T) {
+	e := newEnv(t, options{})
+	e.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Reply: reply(451, [3]int{4, 3, 0}, "Kept, try again")},
+		memsmtp.Fault{Reply: reply(554, [3]int{5, 6, 0}, "Refused")})
+	c := e.dial(t)
+	err := send(c, "app@example.com", []string{"user@example.com"}, message("kept"))
+	var got *smtp.SMTPError
+	if !errors.As(err, &got) || got.Code != 451 {
+		t.Fatalf("send: %v, want 451", err)
+	}
+	if n := len(e.up.Messages()); n != 1 {
+		t.Errorf("upstream has %d messages, want the kept one", n)
+	}
+}

@@ -61,7 +61,8 @@ type transaction struct {
 	upID     uint64 // the last upstream session used, for the log
 	upAddr   string // and its upstream entry
 	// sentUnanswered says a try sent the whole message and lost the reply
-	// (pool.ErrNoReply): the upstream may already hold a copy.
+	// (pool.ErrNoReply), or got a 4xx for it (pool.ErrAfterMessage): the
+	// upstream may already hold a copy.
 	sentUnanswered bool
 	firstFailure   time.Time       // the first transient failure, which starts the retry window
 	finalReply     *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
@@ -334,13 +335,13 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 		tx.finalReply = replyReplayRefused
 		return verdict{reply: replyReplayRefused}
 	case tx.sentUnanswered && !v.retry && v.reply.Code >= 500:
-		// An earlier try sent the whole message and lost the reply: the
-		// upstream may hold it. A permanent refusal now must not tell the
-		// client that nothing was delivered.
+		// An earlier try sent the whole message and lost the reply, or
+		// was told 4xx for it: the upstream may hold it. A permanent
+		// refusal now must not tell the client that nothing was delivered.
 		tx.finalReply = replyMaybeDelivered
 		return verdict{reply: replyMaybeDelivered}
 	}
-	if errors.Is(err, pool.ErrNoReply) {
+	if errors.Is(err, pool.ErrNoReply) || errors.Is(err, pool.ErrAfterMessage) && v.retry {
 		tx.sentUnanswered = true
 	}
 	if where == stageMail && cmd != cmdMail && !v.retry {

@@ -93,7 +93,7 @@ type options struct {
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	quick := fs.Bool("quick", false, "short smoke run (under a minute); results go to a temporary folder unless -out is given")
+	quick := fs.Bool("quick", false, "short smoke run (about a minute); results go to a temporary folder unless -out is given")
 	out := fs.String("out", "", "folder for results.md and results.svg (default: e2e/bench of the module for a full run, a temporary folder with -quick or -only)")
 	only := fs.String("only", "", "comma-separated measurements to run, e.g. 1,3 (default: all)")
 	baseline := fs.String("baseline", "", "git ref of an smtppool to measure beside this one in measurements 1 and 7, e.g. main (default: none)")
