@@ -254,19 +254,22 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 // Release returns the session to the pool. A session left in the middle of
 // a transaction is reset with RSET when the pool has no credentials, and
 // closed otherwise: the pool follows RSET with EHLO, after which some
-// upstreams forget the AUTH. A broken session, or one at its lifetime
-// or message limit, is closed too. Release may be called more than once;
-// the Conn must not be used after.
+// upstreams forget the AUTH. A broken session, or one at its lifetime or
+// message limit, is closed too. Release may be called more than once; the
+// Conn must not be used after.
+//
+// The session's place under the effective cap is given back once the
+// session is idle again or, when it is closed, once its connection is:
+// an upstream that counts concurrent connections counts a closing one too.
 func (c *Conn) Release() {
 	if c.released {
 		return
 	}
 	c.released = true
-	defer c.pool.gate.release()
 	s := c.res.Value()
 	if s.dirty && !s.broken {
 		if c.pool.cfg.Auth != nil {
-			c.pool.destroy(c.res, closeUnfinished)
+			c.destroy(closeUnfinished)
 			return
 		}
 		if err := s.reset(c.pool.cfg.LocalName); err != nil {
@@ -276,29 +279,37 @@ func (c *Conn) Release() {
 		s.dirty = false
 	}
 	if reason := c.pool.retireReason(c.res, false); reason != closeNone {
-		c.pool.destroy(c.res, reason)
+		c.destroy(reason)
 		return
 	}
 	if c.pool.overCap() {
-		c.pool.destroy(c.res, closeCap)
+		c.destroy(closeCap)
 		return
 	}
 	c.res.Release()
+	c.pool.gate.release()
 }
 
 // Discard closes the session instead of returning it to the pool, with QUIT
 // unless it is broken. Use it when the session failed a transaction in a way
 // that a fresh session might not. Discard after Release, or twice, does
-// nothing.
+// nothing. Its place under the effective cap is given back once its
+// connection is closed.
 func (c *Conn) Discard() {
 	if c.released {
 		return
 	}
 	c.released = true
-	defer c.pool.gate.release()
 	reason := closeDiscarded
 	if c.res.Value().broken {
 		reason = closeBroken
 	}
+	c.destroy(reason)
+}
+
+// destroy closes the lent session for reason, and gives its place under
+// the effective cap back once the connection is closed.
+func (c *Conn) destroy(reason closeReason) {
+	c.res.Value().afterClose = c.pool.gate.release
 	c.pool.destroy(c.res, reason)
 }

@@ -292,3 +292,72 @@ func TestTryAcquireNeverDialsOrWaits(t *testing.T) {
 		t.Errorf("upstream saw %d connections; pool %+v; want one session, no failure", n, st)
 	}
 }
+
+// openCounter is a Config.Dial that counts the connections open (dialled,
+// not yet closed), and records the most that were open at a dial.
+type openCounter struct {
+	mu              sync.Mutex
+	open, mostAtDial int
+}
+
+func (o *openCounter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	o.mu.Lock()
+	o.mostAtDial = max(o.mostAtDial, o.open)
+	o.open++
+	o.mu.Unlock()
+	return &closeCounted{Conn: c, o: o}, nil
+}
+
+func (o *openCounter) reset() {
+	o.mu.Lock()
+	o.mostAtDial = 0
+	o.mu.Unlock()
+}
+
+type closeCounted struct {
+	net.Conn
+	o    *openCounter
+	once sync.Once
+}
+
+func (c *closeCounted) Close() error {
+	c.once.Do(func() {
+		c.o.mu.Lock()
+		c.o.open--
+		c.o.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// TestClosedSessionKeepsItsCapPlaceUntilItsConnectionCloses: under a cap
+// lowered below MaxConns, a lent session that is closed gives its place
+// back only once its connection is closed, so that no new session is
+// dialled while it closes: an upstream that counts concurrent connections
+// (Exchange Online, with its 432 4.3.2) counts a closing one too.
+func TestClosedSessionKeepsItsCapPlaceUntilItsConnectionCloses(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{SessionLimit: 1})
+	o := &openCounter{}
+	p := newPool(t, up, pool.Config{MaxConns: 2, Dial: o.dial})
+	first, second := acquire(t, p), acquire(t, p)
+	if err := send(second, 0); !errors.Is(err, pool.ErrCapLowered) {
+		t.Fatalf("send over the session limit: %v, want the cap lowered", err)
+	}
+	second.Discard()
+	first.Discard()
+	o.reset()
+	for i := range 20 {
+		// The upstream closes its side a moment after QUIT, so it may
+		// still count the last session and refuse this one's message:
+		// what the pool controls is when it dials.
+		c := acquire(t, p)
+		send(c, i+1)
+		c.Discard()
+	}
+	if o.mostAtDial != 0 {
+		t.Errorf("a session was dialled while %d others were still open, under a cap of 1", o.mostAtDial)
+	}
+}

@@ -252,6 +252,9 @@ func (p *Pool) closeSession(s *session) {
 	}
 	p.stats.closed[s.closeReason].Add(1)
 	s.close()
+	if s.afterClose != nil {
+		s.afterClose()
+	}
 }
 
 func (p *Pool) healthLoop() {

@@ -29,6 +29,7 @@ type session struct {
 	broken       bool // an I/O error, a 421 or a cancelled command: never reuse
 	closeReason  closeReason
 	upstream     *upstream // the entry of Config.Addr it is connected to
+	afterClose   func()    // called once the connection is closed, if set
 }
 
 // close ends the session: politely with QUIT when it is healthy, by closing
