@@ -296,7 +296,7 @@ func TestTryAcquireNeverDialsOrWaits(t *testing.T) {
 // openCounter is a Config.Dial that counts the connections open (dialled,
 // not yet closed), and records the most that were open at a dial.
 type openCounter struct {
-	mu              sync.Mutex
+	mu               sync.Mutex
 	open, mostAtDial int
 }
 
