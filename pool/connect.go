@@ -32,7 +32,7 @@ func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 			p.cfg.OnReply("set-up", smtpErr.Code)
 		}
 		p.log.Debug("upstream session set-up failed", "upstream", u.addr, "err", err, "duration", time.Since(start).String())
-		return nil, p.signalError(err, p.p.Stat().TotalResources())
+		return nil, p.signalError(err, p.established()+1)
 	}
 	s.id = p.stats.connsOpened.Add(1)
 	s.upstream = u
@@ -79,7 +79,11 @@ var plainTextMemory = time.Minute
 func (p *Pool) greetOpportunistic(ctx context.Context, u *upstream) (*session, error) {
 	if !p.tlsKnown.Load() {
 		p.tlsProbe.Lock()
-		defer p.tlsProbe.Unlock()
+		if p.tlsKnown.Load() { // found out while this one waited
+			p.tlsProbe.Unlock()
+		} else {
+			defer p.tlsProbe.Unlock()
+		}
 	}
 	plainOK := p.cfg.Auth == nil || p.cfg.AllowInsecureAuth
 	if plainOK && time.Now().UnixNano() < u.plainUntil.Load() {
