@@ -3,9 +3,7 @@
 package e2e
 
 import (
-	"bufio"
 	"fmt"
-	"net/http"
 	"regexp"
 	"slices"
 	"strconv"
@@ -59,7 +57,7 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(maxConns)})
 	admin := adminAddress(t, proxy)
 	const capMetric = "smtppool_upstream_effective_max_connections"
-	if c, ok := metricValue(scrapeMetrics(t, admin), capMetric); !ok || c != maxConns {
+	if c, ok := scrapeMetrics(t, admin).Value(capMetric); !ok || c != maxConns {
 		t.Fatalf("before the burst, %s is %v (found: %v), want SMTPPOOL_MAX_CONNS=%d", capMetric, c, ok, maxConns)
 	}
 
@@ -83,9 +81,9 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			if m, err := fetchMetrics(admin); err == nil {
-				c, ok := metricValue(m, capMetric)
-				dialling, _ := metricValue(m, "smtppool_upstream_connections", `state="constructing"`)
+			if m, err := peers.ScrapeMetrics(t.Context(), admin); err == nil {
+				c, ok := m.Value(capMetric)
+				dialling, _ := m.Value("smtppool_upstream_connections", "state", "constructing")
 				if ok && c <= limit && dialling == 0 {
 					learnt.at, learnt.cap, learnt.sampler = time.Now(), c, peers.SampleConns(t, pf.Port)
 					return
@@ -111,13 +109,7 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 	}
 
 	// What arrived: every acknowledged message, once.
-	var acked []peers.Message
-	for _, r := range results {
-		if r.Accepted() {
-			acked = append(acked, r.Msg)
-		}
-	}
-	box := waitDelivered(t, pf, acked, 60*time.Second)
+	box := waitDelivered(t, pf, acknowledged(results), 60*time.Second)
 	stopWatching()
 	wasLearnt := learnt.sampler != nil
 	maxSeen, samples, err := sampler.Stop()
@@ -132,18 +124,7 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 	}
 
 	once, missing, duplicated := peers.Copies(box, msgs)
-	ambiguous := ambiguousClients(proxy.Log())
-	explained := 0
-	for _, r := range results {
-		if n := len(box[r.Msg.ID]); n > 1 {
-			if ambiguous[r.Local] {
-				explained++
-				t.Logf("%s: %d copies; the proxy logged an ambiguous retry for its client %s (allowed)", r.Msg.ID, n, r.Local)
-			} else {
-				t.Errorf("%s: %d copies, and the proxy logged no ambiguous retry for its client %s", r.Msg.ID, n, r.Local)
-			}
-		}
-	}
+	explained := checkDuplicates(t, box, results, ambiguousClients(proxy.Log()))
 	t.Logf("postfix mailbox: %d/%d exactly once, %d missing, %d duplicated (%d of them after an ambiguous retry)",
 		once, clients, missing, duplicated, explained)
 	if missing > 0 {
@@ -154,15 +135,15 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 	upLog := pf.LogSince(logStart)
 	refusals := strings.Count(upLog, "Connection concurrency limit exceeded")
 	final := scrapeMetrics(t, admin)
-	effective, ok := metricValue(final, capMetric)
+	effective, ok := final.Value(capMetric)
 	if !ok {
 		t.Fatalf("/metrics has no %s", capMetric)
 	}
-	connLimitRetries, _ := metricValue(final, "smtppool_retries_total", `reason="conn_limit"`)
-	reply421Retries, _ := metricValue(final, "smtppool_retries_total", `reason="reply_421"`)
-	opened, _ := metricValue(final, "smtppool_upstream_connections_opened_total")
-	connectFailures, _ := metricValue(final, "smtppool_upstream_connect_failures_total")
-	closedCap, _ := metricValue(final, "smtppool_upstream_connections_closed_total", `reason="cap"`)
+	connLimitRetries, _ := final.Value("smtppool_retries_total", "reason", "conn_limit")
+	reply421Retries, _ := final.Value("smtppool_retries_total", "reason", "reply_421")
+	opened, _ := final.Value("smtppool_upstream_connections_opened_total")
+	connectFailures, _ := final.Value("smtppool_upstream_connect_failures_total")
+	closedCap, _ := final.Value("smtppool_upstream_connections_closed_total", "reason", "cap")
 	steps := capSteps(proxy.Log())
 	t.Logf("upstream: %d connection-limit refusals (bound %d = MAX_CONNS %d - limit %d + 5), %d connections accepted; "+
 		"proxy: effective cap %d -> %s, now %v; retries conn_limit %v, reply_421 %v; %v sessions opened, %v set-ups failed, %v closed over the cap; "+
@@ -203,89 +184,6 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 		t.Errorf("after the cap was learnt, sampled %d upstream connections at once, above the upstream's limit of %d", maxAfter, limit)
 	}
 	stopProxy(t, proxy)
-}
-
-// adminAddress waits until smtppool has logged where its admin endpoints
-// listen (SMTPPOOL_ADMIN_ADDR is 127.0.0.1:0 in the tests) and returns
-// that address.
-func adminAddress(t *testing.T, p *peers.Proxy) string {
-	t.Helper()
-	var addr string
-	waitFor(t, 15*time.Second, "smtppool's admin address in its log", func() (bool, string) {
-		for _, line := range strings.Split(p.Log(), "\n") {
-			if strings.Contains(line, `msg="admin endpoints listening"`) {
-				addr = logField(line, "addr")
-				return addr != "", ""
-			}
-		}
-		return false, "not logged yet"
-	})
-	return addr
-}
-
-// metricsClient scrapes without keeping connections open between scrapes.
-var metricsClient = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-
-// fetchMetrics reads smtppool's /metrics at its admin address: each series,
-// "name{labels}", with its value.
-func fetchMetrics(addr string) (map[string]float64, error) {
-	resp, err := metricsClient.Get("http://" + addr + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
-	m := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			m[line[:i]] = v
-		}
-	}
-	return m, sc.Err()
-}
-
-// scrapeMetrics is fetchMetrics, and fails the test on an error.
-func scrapeMetrics(t *testing.T, addr string) map[string]float64 {
-	t.Helper()
-	m, err := fetchMetrics(addr)
-	if err != nil {
-		t.Fatalf("scrape smtppool's metrics: %v", err)
-	}
-	return m
-}
-
-// metricValue sums the series of name (with or without labels) whose
-// labels include every one of labels, each written as in the exposition
-// format (reason="conn_limit"), and reports whether there was one.
-func metricValue(m map[string]float64, name string, labels ...string) (float64, bool) {
-	sum, found := 0.0, false
-	for series, v := range m {
-		base, rest, _ := strings.Cut(series, "{")
-		if base != name {
-			continue
-		}
-		set := strings.Split(strings.TrimSuffix(rest, "}"), ",")
-		matches := true
-		for _, l := range labels {
-			matches = matches && slices.Contains(set, l)
-		}
-		if matches {
-			sum, found = sum+v, true
-		}
-	}
-	return sum, found
 }
 
 // capSteps lists, in order, the effective caps that the proxy logged when
