@@ -60,13 +60,7 @@ func TestBurst(t *testing.T) {
 			examples(results, 5, func(r peers.Result) bool { return !r.Accepted() }))
 	}
 
-	var acked []peers.Message
-	for _, r := range results {
-		if r.Accepted() {
-			acked = append(acked, r.Msg)
-		}
-	}
-	box := waitDelivered(t, pf, acked, 60*time.Second)
+	box := waitDelivered(t, pf, acknowledged(results), 60*time.Second)
 	once, missing, duplicated := peers.Copies(box, msgs)
 	maxSeen, samples, err := sampler.Stop()
 	if err != nil {

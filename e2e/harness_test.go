@@ -137,3 +137,56 @@ func waitDelivered(t *testing.T, pf *peers.Postfix, want []peers.Message, timeou
 	}
 	return box
 }
+
+// acknowledged returns the messages of results whose client got 250.
+func acknowledged(results []peers.Result) []peers.Message {
+	var acked []peers.Message
+	for _, r := range results {
+		if r.Accepted() {
+			acked = append(acked, r.Msg)
+		}
+	}
+	return acked
+}
+
+// checkDuplicates fails the test for each message of results that is in
+// box more than once, unless its client is among ambiguous (the clients
+// for which the proxy logged an ambiguous retry: see ambiguousClients),
+// and returns how many duplicated messages that explained.
+func checkDuplicates(t *testing.T, box peers.Mailbox, results []peers.Result, ambiguous map[string]bool) (explained int) {
+	t.Helper()
+	for _, r := range results {
+		if n := len(box[r.Msg.ID]); n > 1 {
+			if ambiguous[r.Local] {
+				explained++
+				t.Logf("%s: %d copies; the proxy logged an ambiguous retry for its client %s (allowed)", r.Msg.ID, n, r.Local)
+			} else {
+				t.Errorf("%s: %d copies, and the proxy logged no ambiguous retry for its client %s", r.Msg.ID, n, r.Local)
+			}
+		}
+	}
+	return explained
+}
+
+// adminAddress waits until smtppool has logged where its admin endpoints
+// listen (SMTPPOOL_ADMIN_ADDR is 127.0.0.1:0 in the tests) and returns
+// that address.
+func adminAddress(t *testing.T, p *peers.Proxy) string {
+	t.Helper()
+	addr, err := peers.AdminAddr(t.Context(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
+// scrapeMetrics reads smtppool's /metrics at its admin address, and fails
+// the test on an error.
+func scrapeMetrics(t *testing.T, addr string) peers.Metrics {
+	t.Helper()
+	m, err := peers.ScrapeMetrics(t.Context(), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}

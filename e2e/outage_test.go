@@ -124,31 +124,15 @@ func TestUpstreamOutageMidBurst(t *testing.T) {
 	}
 
 	// What arrived: every acknowledged message, once.
-	var acked []peers.Message
-	for _, r := range results {
-		if r.Accepted() {
-			acked = append(acked, r.Msg)
-		}
-	}
 	// Postfix was stopped mid-transaction, which may leave an unfinished
 	// queue file behind that it never delivers: it does not count.
-	box, err := pf.WaitDeliveredAfterStop(t.Context(), acked, 90*time.Second)
+	box, err := pf.WaitDeliveredAfterStop(t.Context(), acknowledged(results), 90*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	once, missing, duplicated := peers.Copies(box, msgs)
 	ambiguous := ambiguousClients(proxy.Log())
-	explained := 0
-	for _, r := range results {
-		if n := len(box[r.Msg.ID]); n > 1 {
-			if ambiguous[r.Local] {
-				explained++
-				t.Logf("%s: %d copies; the proxy logged an ambiguous retry for its client %s (allowed)", r.Msg.ID, n, r.Local)
-			} else {
-				t.Errorf("%s: %d copies, and the proxy logged no ambiguous retry for its client %s", r.Msg.ID, n, r.Local)
-			}
-		}
-	}
+	explained := checkDuplicates(t, box, results, ambiguous)
 	t.Logf("postfix mailbox: %d/%d exactly once, %d missing, %d duplicated (%d of them after an ambiguous retry); "+
 		"proxy: %d retries logged, %d of them ambiguous, %d upstream sessions opened",
 		once, clients, missing, duplicated, explained,

@@ -323,12 +323,19 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 
 // overCap reports whether more sessions are open than the effective cap
 // allows, as after the cap was lowered.
-func (p *Pool) overCap() bool { return p.p.Stat().TotalResources() > p.gate.current() }
+func (p *Pool) overCap() bool { return p.established() > p.gate.current() }
+
+// established returns the sessions open now, lent out or idle; those
+// still being set up are not yet known to the upstream's limit.
+func (p *Pool) established() int32 {
+	st := p.p.Stat()
+	return st.AcquiredResources() + st.IdleResources()
+}
 
 // trimToCap closes idle sessions over the effective cap; sessions in use
 // over it are closed when they are released.
 func (p *Pool) trimToCap() {
-	excess := p.p.Stat().TotalResources() - p.gate.current()
+	excess := p.established() - p.gate.current()
 	for _, res := range p.p.AcquireAllIdle() {
 		if excess > 0 {
 			excess--

@@ -119,7 +119,8 @@ func (a OAuth2Auth) AuthRefused(sc sasl.Client, err error) error {
 		return authRefused(nil, sc, err)
 	}
 	if c.challenge != "" {
-		err = fmt.Errorf("%w (XOAUTH2 challenge: %s)", err, c.challenge)
+		// Never repeat the token, even if a server echoes it.
+		err = fmt.Errorf("%w (XOAUTH2 challenge: %s)", err, strings.ReplaceAll(c.challenge, c.token, "[token]"))
 	}
 	switch {
 	case isAuthDisabledReply(err):

@@ -161,14 +161,14 @@ const checkReserve = 90 * time.Second
 
 // soak is one run.
 type soak struct {
-	opts    options
-	start   time.Time
-	tmp     string
-	g       *peers.Group
-	sink    *peers.Sink
-	fp      *faultProxy
-	proxy   *peers.Proxy
-	scraper *scraper
+	opts  options
+	start time.Time
+	tmp   string
+	g     *peers.Group
+	sink  *peers.Sink
+	fp    *faultProxy
+	proxy *peers.Proxy
+	admin string // smtppool's admin address
 
 	msgs    []peers.Message
 	results []peers.Result // by message; Start is zero for one not sent
@@ -180,7 +180,7 @@ type soak struct {
 	// before is smtppool's use idle before the load, warm after a twentieth
 	// of the messages, peak the most sampled, after idle after the load.
 	before, warm, peak, after usage
-	final                     metrics
+	final                     peers.Metrics
 }
 
 func run(ctx context.Context, args []string) (err error) {
@@ -253,18 +253,16 @@ func (s *soak) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	addr, err := adminAddr(ctx, s.proxy)
+	if s.admin, err = peers.AdminAddr(ctx, s.proxy); err != nil {
+		return err
+	}
+	m, err := peers.ScrapeMetrics(ctx, s.admin)
 	if err != nil {
 		return err
 	}
-	s.scraper = newScraper(addr)
-	m, err := s.scraper.scrape(ctx)
-	if err != nil {
-		return err
-	}
-	s.before = m.usage()
+	s.before = usageOf(m)
 	logf("smtppool %s ← clients; upstream %s (fault proxy) → smtp-sink %s; admin %s; before the load: %v; fault seed %d",
-		s.proxy.Addr, s.fp.Addr(), s.sink.Addr, addr, s.before, o.seed)
+		s.proxy.Addr, s.fp.Addr(), s.sink.Addr, s.admin, s.before, o.seed)
 	return nil
 }
 
@@ -334,11 +332,11 @@ func (s *soak) load(ctx context.Context) error {
 // sample reads smtppool's resources, keeping the peak, for the progress
 // line.
 func (s *soak) sample(ctx context.Context) string {
-	m, err := s.scraper.scrape(ctx)
+	m, err := peers.ScrapeMetrics(ctx, s.admin)
 	if err != nil {
 		return err.Error()
 	}
-	u := m.usage()
+	u := usageOf(m)
 	s.last = u
 	s.peak.rss = max(s.peak.rss, u.rss)
 	s.peak.goroutines = max(s.peak.goroutines, u.goroutines)
@@ -352,11 +350,11 @@ func (s *soak) check(ctx context.Context) error {
 	s.sink.Settle(ctx, 2*time.Second, 30*time.Second)
 	var settled bool
 	settleErr := peers.Poll(ctx, o.settle, "smtppool's RSS and goroutines to come back", func() (bool, string) {
-		m, err := s.scraper.scrape(ctx)
+		m, err := peers.ScrapeMetrics(ctx, s.admin)
 		if err != nil {
 			return false, err.Error()
 		}
-		s.final, s.after = m, m.usage()
+		s.final, s.after = m, usageOf(m)
 		settled = s.after.rss <= s.before.rss+o.rssSlack && s.after.goroutines <= s.before.goroutines+float64(o.goroutineSlack) &&
 			(s.warm.rss == 0 || s.after.rss <= s.warm.rss*1.25)
 		return settled, s.after.String()
@@ -422,7 +420,7 @@ func (s *soak) check(ctx context.Context) error {
 			foreign += len(c)
 		}
 	}
-	retries := s.final.byLabel("smtppool_retries_total", "reason")
+	retries := s.final.ByLabel("smtppool_retries_total", "reason")
 	ambiguous := int(retries["no_reply"])
 	switch {
 	case lost > 0:
@@ -451,7 +449,7 @@ func (s *soak) check(ctx context.Context) error {
 	p("  upstream sessions   %d through the fault proxy; %d cut (%d planned, the rest ended first)", s.fp.sessions.Load(), s.fp.cut.Load(), s.fp.planned.Load())
 	p("  cut where           %s", s.fp.Phases())
 	p("  smtppool retries    %s (no_reply = lost reply after the final dot, the ambiguous case)", formatCounts(retries))
-	p("  smtppool sessions   closed by reason: %s", formatCounts(s.final.byLabel("smtppool_upstream_connections_closed_total", "reason")))
+	p("  smtppool sessions   closed by reason: %s", formatCounts(s.final.ByLabel("smtppool_upstream_connections_closed_total", "reason")))
 	p("  smtppool log        %d \"upstream unreachable\" warnings; %d lines marked \"ambiguous\":true (info level and above)", unreachable, ambiguousLogged)
 	p("  throughput          %.0f messages/s acknowledged (%d in %v)", float64(replies["250"])/s.loadDur.Seconds(), replies["250"], s.loadDur.Round(time.Millisecond))
 	p("  smtppool RSS        %.1f MiB before, %.1f MiB warm (after %d messages), %.1f MiB peak, %.1f MiB after",
