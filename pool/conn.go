@@ -246,7 +246,7 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 		c.pool.cfg.OnReply(stage, ok)
 	case errors.As(err, &smtpErr):
 		c.pool.cfg.OnReply(stage, smtpErr.Code)
-		err = c.pool.signalError(err, c.pool.established())
+		err = c.pool.signalError(err, c.pool.connected())
 	}
 	return c.res.Value().fail(ctx, stage, err)
 }

@@ -325,6 +325,14 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 // allows, as after the cap was lowered.
 func (p *Pool) overCap() bool { return p.established() > p.gate.current() }
 
+// connected returns the sessions whose connections the upstream counts
+// when it refuses one already set up, over its concurrency limit (432
+// 4.3.2 at DATA): those established and those being set up, whose
+// connections it has accepted. A refusal while a session is set up (a 421
+// banner) counts established sessions instead: the others being set up
+// then may be refused just the same.
+func (p *Pool) connected() int32 { return p.p.Stat().TotalResources() }
+
 // established returns the sessions open now, lent out or idle; those
 // still being set up are not yet known to the upstream's limit.
 func (p *Pool) established() int32 {
