@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/emersion/go-smtp"
@@ -17,25 +16,51 @@ import (
 	"github.com/smtppool/smtppool/pool"
 )
 
-// writeCounter is a Config.Dial that counts the writes on the connections
-// it makes: each is one flight of commands to the upstream.
-type writeCounter struct{ writes atomic.Int64 }
+// writeRecorder is a Config.Dial that records the writes on the
+// connections it makes, each as written: a write is one flight of commands
+// to the upstream (or, after STARTTLS, of encrypted records).
+type writeRecorder struct {
+	mu     sync.Mutex
+	writes []string
+}
 
-func (w *writeCounter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+func (r *writeRecorder) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, err
 	}
-	return &countingConn{Conn: c, w: w}, nil
+	return &recordingConn{Conn: c, r: r}, nil
 }
 
-type countingConn struct {
+// count is the number of writes so far.
+func (r *writeRecorder) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.writes)
+}
+
+// ehlo is the EHLO lines written in clear text.
+func (r *writeRecorder) ehlo() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var lines []string
+	for _, w := range r.writes {
+		if strings.HasPrefix(w, "EHLO ") {
+			lines = append(lines, strings.TrimSpace(w))
+		}
+	}
+	return lines
+}
+
+type recordingConn struct {
 	net.Conn
-	w *writeCounter
+	r *writeRecorder
 }
 
-func (c *countingConn) Write(b []byte) (int, error) {
-	c.w.writes.Add(1)
+func (c *recordingConn) Write(b []byte) (int, error) {
+	c.r.mu.Lock()
+	c.r.writes = append(c.r.writes, string(b))
+	c.r.mu.Unlock()
 	return c.Conn.Write(b)
 }
 
@@ -47,7 +72,7 @@ var recipients = []pool.Recipient{{Addr: "a@example.com"}, {Addr: "b@example.com
 func TestEnvelopeIsOneWrite(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{})
 	up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}})
-	w := &writeCounter{}
+	w := &writeRecorder{}
 	p := newPool(t, up, pool.Config{Dial: w.dial})
 	c := acquire(t, p)
 	defer c.Release()
@@ -55,7 +80,7 @@ func TestEnvelopeIsOneWrite(t *testing.T) {
 		t.Fatal("memsmtp offers PIPELINING; Pipelining() says no")
 	}
 	ctx := context.Background()
-	before := w.writes.Load()
+	before := w.count()
 	errs, err := c.Envelope(ctx, "sender@example.com", nil, recipients)
 	if err != nil {
 		t.Fatal(err)
@@ -64,14 +89,14 @@ func TestEnvelopeIsOneWrite(t *testing.T) {
 	if errs[0] != nil || !errors.As(errs[1], &smtpErr) || smtpErr.Code != 550 || errs[2] != nil {
 		t.Fatalf("recipients' verdicts %v, want nil, 550, nil", errs)
 	}
-	if n := w.writes.Load() - before; n != 1 {
+	if n := w.count() - before; n != 1 {
 		t.Errorf("envelope took %d writes, want 1", n)
 	}
-	before = w.writes.Load()
+	before = w.count()
 	if _, err := c.Data(ctx, strings.NewReader("Message-ID: <env@test>\r\n\r\nbody\r\n")); err != nil {
 		t.Fatal(err)
 	}
-	if n := w.writes.Load() - before; n != 1 {
+	if n := w.count() - before; n != 1 {
 		t.Errorf("message took %d writes, want 1 (BDAT LAST)", n)
 	}
 	msgs := up.Messages()
@@ -87,19 +112,19 @@ func TestEnvelopeIsOneWrite(t *testing.T) {
 func TestEnvelopeWithoutPipelining(t *testing.T) {
 	up := startUpstream(t, memsmtp.Options{Hide: []string{"PIPELINING", "CHUNKING"}})
 	up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}})
-	w := &writeCounter{}
+	w := &writeRecorder{}
 	p := newPool(t, up, pool.Config{Dial: w.dial})
 	c := acquire(t, p)
 	defer c.Release()
 	if c.Pipelining() {
 		t.Fatal("Pipelining() with PIPELINING hidden")
 	}
-	before := w.writes.Load()
+	before := w.count()
 	errs, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients)
 	if err != nil || errs[0] != nil || errs[1] == nil || errs[2] != nil {
 		t.Fatalf("Envelope: %v, %v; want nil, 550, nil", errs, err)
 	}
-	if n := w.writes.Load() - before; n != 4 {
+	if n := w.count() - before; n != 4 {
 		t.Errorf("envelope took %d writes, want 4, one per command", n)
 	}
 	if _, err := c.Data(context.Background(), strings.NewReader("Subject: x\r\n\r\nbody\r\n")); err != nil {
@@ -208,35 +233,6 @@ func TestSessionLimitSignalAtTheEndOfABDATMessage(t *testing.T) {
 	}
 }
 
-// ehloRecorder is a Config.Dial that records the EHLO lines written in
-// clear text.
-type ehloRecorder struct {
-	mu    sync.Mutex
-	lines []string
-}
-
-func (r *ehloRecorder) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-	if err != nil {
-		return nil, err
-	}
-	return &recordingConn{Conn: c, r: r}, nil
-}
-
-type recordingConn struct {
-	net.Conn
-	r *ehloRecorder
-}
-
-func (c *recordingConn) Write(b []byte) (int, error) {
-	if s := string(b); strings.HasPrefix(s, "EHLO ") {
-		c.r.mu.Lock()
-		c.r.lines = append(c.r.lines, strings.TrimSpace(s))
-		c.r.mu.Unlock()
-	}
-	return c.Conn.Write(b)
-}
-
 // TestLocalNameBeforeSTARTTLS: the EHLO before STARTTLS says LocalName
 // too (go-smtp's client said "localhost"), and the upgrade happens on the
 // same connection.
@@ -246,7 +242,7 @@ func TestLocalNameBeforeSTARTTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	up := startUpstream(t, memsmtp.Options{TLS: serverTLS})
-	r := &ehloRecorder{}
+	r := &writeRecorder{}
 	p := newPool(t, up, pool.Config{TLS: pool.TLSStartTLS, TLSConfig: &tls.Config{RootCAs: roots}, LocalName: "relay.corp.example", Dial: r.dial})
 	c := acquire(t, p)
 	defer c.Release()
@@ -256,10 +252,8 @@ func TestLocalNameBeforeSTARTTLS(t *testing.T) {
 	if err := send(c, 1); err != nil {
 		t.Fatal(err)
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.lines) != 1 || r.lines[0] != "EHLO relay.corp.example" {
-		t.Errorf("EHLO in clear text: %q, want one, with the local name", r.lines)
+	if lines := r.ehlo(); len(lines) != 1 || lines[0] != "EHLO relay.corp.example" {
+		t.Errorf("EHLO in clear text: %q, want one, with the local name", lines)
 	}
 	if st := up.Stats(); st.Conns != 1 || st.Commands["EHLO"] != 2 {
 		t.Errorf("upstream saw %d connections and %d EHLO, want 1 and 2", st.Conns, st.Commands["EHLO"])

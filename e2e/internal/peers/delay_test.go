@@ -16,31 +16,8 @@ import (
 // twice its one-way delay, bytes arrive intact and in order, and the
 // end of one direction reaches the other side after the bytes before it.
 func TestDelayLinkDelaysEachWay(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() { // echo, then close once the client has closed its side
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	g := NewGroup(context.Background())
-	defer g.Close()
 	const oneWay = 15 * time.Millisecond
-	l, err := StartDelayLink(g, ln.Addr().String(), oneWay)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", l.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, l := dialEchoThroughLink(t, oneWay)
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	r := bufio.NewReader(c)
 	for i, line := range []string{"first\n", strings.Repeat("x", 200<<10) + "\n", "last\n"} {
@@ -85,31 +62,8 @@ func TestLogCounterReadsOnlyWhatIsNew(t *testing.T) {
 // the mean delay of many crossings is the one set, within half a
 // millisecond.
 func TestDelayLinkIsRightOnAverage(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	g := NewGroup(context.Background())
-	defer g.Close()
 	const oneWay = 2500 * time.Microsecond
-	l, err := StartDelayLink(g, ln.Addr().String(), oneWay)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", l.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, l := dialEchoThroughLink(t, oneWay)
 	buf := make([]byte, 1)
 	for range 20 { // lets the link learn its timers
 		c.Write(buf)
@@ -150,4 +104,36 @@ func TestDelayLinkLearnsWithinBounds(t *testing.T) {
 	if got := l.early.Load(); got != 0 {
 		t.Errorf("after early timers, timers set %v early, want 0", time.Duration(got))
 	}
+}
+
+// dialEchoThroughLink starts an echo server, which closes once the client
+// has closed its side, and a DelayLink of oneWay in front of it, and dials
+// the link; all end with the test.
+func dialEchoThroughLink(t *testing.T, oneWay time.Duration) (net.Conn, *DelayLink) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	g := NewGroup(context.Background())
+	t.Cleanup(func() { g.Close() })
+	l, err := StartDelayLink(g, ln.Addr().String(), oneWay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", l.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, l
 }
