@@ -159,6 +159,9 @@ func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions
 	s.dirty = true
 	defer s.bind(ctx)()
 	replies, err := s.client.Pipeline(cmds)
+	if err != nil {
+		s.broken = true // the replies after the last one read are unknown
+	}
 	if len(replies) > 0 && replies[0].Err != nil {
 		// A refused MAIL makes the recipients' replies meaningless (503,
 		// typically): MAIL's is the one that counts.

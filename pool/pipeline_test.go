@@ -5,10 +5,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"net/textproto"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -353,5 +356,105 @@ func TestClosedSessionKeepsItsCapPlaceUntilItsConnectionCloses(t *testing.T) {
 	}
 	if o.mostAtDial != 0 {
 		t.Errorf("a session was dialled while %d others were still open, under a cap of 1", o.mostAtDial)
+	}
+}
+
+// TestSessionOutOfStepIsNotReused: an upstream whose replies no longer
+// match the commands sent has left a reply on the session that the next
+// transaction would take for its own: the session is closed when it is
+// released, never lent again, and the next transaction gets a fresh one.
+func TestSessionOutOfStepIsNotReused(t *testing.T) {
+	tests := []struct {
+		name    string
+		replies map[string]string // the first connection's replies, by command
+		wantErr bool              // the first transaction fails
+	}{
+		{name: "end of message answered twice", replies: map[string]string{".": "250 2.0.0 queued\r\n250 2.0.0 queued again"}},
+		{name: "refused MAIL, then a broken reply to RCPT", replies: map[string]string{"MAIL": "550 5.7.1 no", "RCPT": "25x what"}, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			var conns atomic.Int64
+			go func() {
+				for {
+					conn, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					replies := tt.replies
+					if conns.Add(1) > 1 {
+						replies = nil
+					}
+					go serveScripted(conn, replies)
+				}
+			}()
+			p, err := pool.New(pool.Config{Addr: ln.Addr().String(), TLS: pool.TLSNone})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(p.Close)
+			c := acquire(t, p)
+			_, err = c.Envelope(context.Background(), "sender@example.com", nil, recipients[:1])
+			if err == nil {
+				_, err = c.Data(context.Background(), strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+			}
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("first transaction: %v, want an error: %v", err, tt.wantErr)
+			}
+			c.Release()
+			if st := p.Stat(); st.IdleConns != 0 {
+				t.Errorf("%d idle sessions, want 0", st.IdleConns)
+			}
+			memsmtp.WaitFor(t, "the session closed as broken", func() bool { return p.Stat().ClosedBroken == 1 })
+			c = acquire(t, p)
+			defer c.Release()
+			if err := send(c, 2); err != nil {
+				t.Errorf("next transaction: %v", err)
+			}
+			if n := conns.Load(); n != 2 {
+				t.Errorf("upstream saw %d connections, want 2", n)
+			}
+		})
+	}
+}
+
+// serveScripted is a minimal upstream with PIPELINING that answers each
+// command (and "." for the end of a message) from replies, or with 250.
+func serveScripted(conn net.Conn, replies map[string]string) {
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	tp := textproto.NewConn(conn)
+	tp.PrintfLine("220 scripted.test ESMTP")
+	reply := func(cmd, otherwise string) {
+		if r, ok := replies[cmd]; ok {
+			otherwise = r
+		}
+		tp.PrintfLine("%s", otherwise)
+	}
+	for {
+		l, err := tp.ReadLine()
+		if err != nil {
+			return
+		}
+		switch verb, _, _ := strings.Cut(l, " "); strings.ToUpper(verb) {
+		case "EHLO":
+			tp.PrintfLine("250-scripted.test\r\n250 PIPELINING")
+		case "DATA":
+			tp.PrintfLine("354 go ahead")
+			if _, err := tp.ReadDotBytes(); err != nil {
+				return
+			}
+			reply(".", "250 2.0.0 queued")
+		case "QUIT":
+			tp.PrintfLine("221 bye")
+			return
+		default:
+			reply(strings.ToUpper(verb), "250 ok")
+		}
 	}
 }

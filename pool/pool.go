@@ -224,6 +224,11 @@ func (p *Pool) retireReason(res *puddle.Resource[*session], idle bool) closeReas
 	switch {
 	case s.broken:
 		return closeBroken
+	case s.client.Unsolicited():
+		// A reply nobody asked for: the next command would take it
+		// for its own.
+		s.broken = true
+		return closeBroken
 	case time.Since(res.CreationTime()) >= p.cfg.MaxConnLifetime:
 		return closeLifetime
 	case s.messages >= p.cfg.MaxMessagesPerConn:

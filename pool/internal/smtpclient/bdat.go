@@ -69,6 +69,9 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 		}
 		return nil
 	}
+	if err := c.checkInSync(); err != nil {
+		return "", false, err
+	}
 	out := buf.out[:headerRoom]
 	for !sent && refused == nil {
 		n, rerr := msg.Read(buf.in)
@@ -91,7 +94,9 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 		sent = last
 		for chunks-answered > window && refused == nil {
 			if err := answer(); err != nil {
-				return "", false, err
+				// Without pipelining, the last chunk's reply is read
+				// here: the server may have kept the message.
+				return "", sent, err
 			}
 		}
 	}

@@ -33,9 +33,25 @@ import (
 // (twice RFC 5321's limit), so that a broken upstream cannot fill memory.
 const maxReplyLine = 2000
 
-// ErrTooLongLine means the server sent a reply line longer than
-// maxReplyLine.
-var ErrTooLongLine = errors.New("reply line too long")
+// maxReplyLines bounds the lines of one reply (an EHLO reply has a few
+// dozen at most).
+const maxReplyLines = 256
+
+// Errors of a server that breaks the protocol; each leaves the connection
+// unusable.
+var (
+	// ErrTooLongLine means the server sent a reply line longer than
+	// maxReplyLine.
+	ErrTooLongLine = errors.New("reply line too long")
+	// ErrReplyTooLong means a reply had more than maxReplyLines lines.
+	ErrReplyTooLong = errors.New("reply has too many lines")
+	// ErrMalformedReply means a line is not a reply line, or a line of a
+	// multi-line reply has another code than the first.
+	ErrMalformedReply = errors.New("malformed reply")
+	// ErrUnsolicitedReply means the server sent a reply before it was sent
+	// a command for it.
+	ErrUnsolicitedReply = errors.New("server sent a reply that no command asked for")
+)
 
 // Client is one connection to an SMTP server.
 type Client struct {
@@ -170,14 +186,17 @@ func (c *Client) Auth(sc sasl.Client) error {
 	case ir != nil:
 		line += " ="
 	}
+	sent := [][]byte{ir}
 	code, msg, err := c.Cmd(0, line)
-	for err == nil {
-		switch code {
-		case 235:
+	for round := 0; err == nil; round++ {
+		switch {
+		case code == 235:
 			return nil
-		case 334:
-		default:
-			return toSMTPError(code, msg)
+		case code != 334:
+			return toSMTPError(code, redact(msg, sent))
+		case round == maxAuthRounds:
+			c.Cmd(0, "*")
+			return fmt.Errorf("AUTH %s: more than %d challenges", mech, maxAuthRounds)
 		}
 		var challenge, resp []byte
 		challenge, err = base64.StdEncoding.DecodeString(msg)
@@ -191,14 +210,43 @@ func (c *Client) Auth(sc sasl.Client) error {
 			c.Cmd(0, "*")
 			return fmt.Errorf("AUTH %s: %w", mech, err)
 		}
+		sent = append(sent, resp)
 		code, msg, err = c.Cmd(0, base64.StdEncoding.EncodeToString(resp))
 	}
 	return fmt.Errorf("AUTH %s: %w", mech, err)
 }
 
+// redact removes from a server's refusal of AUTH what the client sent:
+// each response, in base64 and each of its fields (PLAIN's and XOAUTH2's
+// are separated by NUL or SOH) as they are, so that a server that echoes
+// them cannot put a password or token into an error and from there into a
+// log.
+func redact(msg string, sent [][]byte) string {
+	for _, resp := range sent {
+		if len(resp) == 0 {
+			continue
+		}
+		msg = strings.ReplaceAll(msg, base64.StdEncoding.EncodeToString(resp), "[redacted]")
+		fields := strings.FieldsFunc(string(resp), func(r rune) bool { return r == 0 || r == 1 })
+		for _, f := range fields {
+			for _, part := range []string{f, strings.TrimPrefix(f, "auth=Bearer ")} {
+				if len(part) >= 4 {
+					msg = strings.ReplaceAll(msg, part, "[redacted]")
+				}
+			}
+		}
+	}
+	return msg
+}
+
+// maxAuthRounds bounds the challenges of one SASL exchange (PLAIN has
+// none, LOGIN two, XOAUTH2 at most one), so that a server that keeps
+// sending 334 cannot hold a session set-up for ever.
+const maxAuthRounds = 8
+
 // Command is one command line of a pipeline and the reply code it
-// expects: three digits for an exact code, one or two for a class, as
-// textproto.Reader.ReadResponse takes them.
+// expects: three digits for an exact code, one or two for a class, 0 for
+// any, as textproto.Reader.ReadResponse takes them.
 type Command struct {
 	Line   string
 	Expect int
@@ -222,6 +270,9 @@ func (c *Client) Pipeline(cmds []Command) ([]Reply, error) {
 		if err := checkLine(cmd.Line); err != nil {
 			return nil, err
 		}
+	}
+	if err := c.checkInSync(); err != nil {
+		return nil, err
 	}
 	// Writes past bufio's buffer happen as the lines are added.
 	c.conn.SetWriteDeadline(deadline(c.CommandTimeout))
@@ -296,6 +347,9 @@ func (c *Client) StartData() error {
 // whole message, final dot included, was written: when it is and err is
 // not a reply, the server may have kept the message.
 func (c *Client) SendData(msg io.Reader) (reply string, sent bool, err error) {
+	if err := c.checkInSync(); err != nil {
+		return "", false, err
+	}
 	c.conn.SetWriteDeadline(deadline(c.DataTimeout))
 	w := c.tw.DotWriter()
 	if _, err := io.Copy(w, msg); err != nil {
@@ -316,16 +370,106 @@ func (c *Client) SendData(msg io.Reader) (reply string, sent bool, err error) {
 // an *smtp.SMTPError.
 func (c *Client) readReply(expect int, timeout time.Duration) (int, string, error) {
 	c.conn.SetReadDeadline(deadline(timeout))
-	code, msg, err := c.r.ReadResponse(expect)
-	var protoErr *textproto.Error
-	switch {
-	case errors.As(err, &protoErr):
-		return code, msg, toSMTPError(protoErr.Code, protoErr.Msg)
-	case err != nil:
+	code, msg, err := c.readResponse()
+	if err != nil {
 		return 0, "", fmt.Errorf("read reply: %w", err)
+	}
+	if !codeMatches(code, expect) {
+		return code, msg, toSMTPError(code, msg)
 	}
 	return code, msg, nil
 }
+
+// readResponse reads one reply, its lines' texts joined by "\n" as
+// textproto.Reader.ReadResponse joins them. Unlike ReadResponse, it is
+// strict: every line must carry the first line's code (ReadResponse takes
+// a line with another code as text of the reply, which would hide the
+// start of the next reply in this one), and a reply has at most
+// maxReplyLines lines, so that a broken or hostile server cannot fill
+// memory with one endless reply.
+func (c *Client) readResponse() (code int, msg string, err error) {
+	var b strings.Builder
+	for n := 0; ; n++ {
+		if n == maxReplyLines {
+			return 0, "", ErrReplyTooLong
+		}
+		line, err := c.r.ReadLine()
+		if err != nil {
+			return 0, "", err
+		}
+		lineCode, more, text, ok := parseReplyLine(line)
+		switch {
+		case !ok:
+			return 0, "", fmt.Errorf("%w: %q", ErrMalformedReply, truncate(line))
+		case n == 0:
+			code = lineCode
+		case lineCode != code:
+			return 0, "", fmt.Errorf("%w: a line with code %d in a reply with code %d", ErrMalformedReply, lineCode, code)
+		default:
+			b.WriteByte('\n')
+		}
+		b.WriteString(text)
+		if !more {
+			return code, b.String(), nil
+		}
+	}
+}
+
+// parseReplyLine splits a reply line into its code, whether more lines
+// follow ("250-"), and its text; ok is false when it is not a reply line.
+func parseReplyLine(line string) (code int, more bool, text string, ok bool) {
+	if len(line) < 3 || (len(line) > 3 && line[3] != ' ' && line[3] != '-') {
+		return 0, false, "", false
+	}
+	code, err := strconv.Atoi(line[:3])
+	if err != nil || code < 100 || code > 599 {
+		return 0, false, "", false
+	}
+	if len(line) == 3 {
+		return code, false, "", true
+	}
+	return code, line[3] == '-', line[4:], true
+}
+
+// codeMatches reports whether code is the one expected: any code for 0, a
+// class for one or two digits, the exact code for three, as
+// textproto.Reader.ReadResponse takes expect.
+func codeMatches(code, expect int) bool {
+	switch {
+	case expect <= 0:
+		return true
+	case expect < 10:
+		return code/100 == expect
+	case expect < 100:
+		return code/10 == expect
+	}
+	return code == expect
+}
+
+// truncate shortens a line quoted in an error.
+func truncate(line string) string {
+	if len(line) > 80 {
+		return line[:80] + "..."
+	}
+	return line
+}
+
+// checkInSync fails when the server has sent bytes that no command asked
+// for yet: a reply too many would otherwise be taken as the reply to the
+// next command, and every reply after it as the reply to the command
+// before, up to a refused message read as accepted. It sees the bytes
+// already read into the buffer, which is where an extra reply that came
+// with an awaited one is.
+func (c *Client) checkInSync() error {
+	if c.br.Buffered() > 0 {
+		return ErrUnsolicitedReply
+	}
+	return nil
+}
+
+// Unsolicited reports whether the server has sent bytes that no command
+// asked for; such a connection is out of step and must not be used again.
+func (c *Client) Unsolicited() bool { return c.br.Buffered() > 0 }
 
 // flush writes what is buffered within timeout.
 func (c *Client) flush(timeout time.Duration) error {

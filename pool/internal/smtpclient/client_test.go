@@ -71,6 +71,14 @@ func (p *peer) buffered(d time.Duration) int {
 // client connected to it. The test waits for the script at its end.
 func scripted(t *testing.T, script func(p *peer)) *Client {
 	t.Helper()
+	c, _ := scriptedDone(t, script)
+	return c
+}
+
+// scriptedDone is scripted, and returns a channel closed when the script
+// has ended too.
+func scriptedDone(t *testing.T, script func(p *peer)) (*Client, <-chan struct{}) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +104,7 @@ func scripted(t *testing.T, script func(p *peer)) *Client {
 	t.Cleanup(func() { conn.Close() })
 	c := New(conn)
 	c.CommandTimeout, c.DataTimeout = 5*time.Second, 5*time.Second
-	return c
+	return c, done
 }
 
 // greet is the start of most scripts: greeting, EHLO and its reply.
@@ -632,6 +640,18 @@ func TestLostReplyAfterTheWholeMessage(t *testing.T) {
 			t.Fatalf("BDAT: sent %v, %v; want sent and a connection failure", sent, err)
 		}
 	})
+	t.Run("BDAT without pipelining", func(t *testing.T) {
+		// The last chunk's reply is read inside the write loop.
+		c := scripted(t, func(p *peer) {
+			greet(p, "CHUNKING")
+			readChunk(p)
+		})
+		mustHello(t, c)
+		_, sent, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), false)
+		if err == nil || isReply(err) || !sent {
+			t.Fatalf("BDAT: sent %v, %v; want sent and a connection failure", sent, err)
+		}
+	})
 	t.Run("BDAT cut short", func(t *testing.T) {
 		c := scripted(t, func(p *peer) {
 			greet(p, "CHUNKING")
@@ -698,5 +718,170 @@ func TestRepliesAreBounded(t *testing.T) {
 	var netErr net.Error
 	if !errors.As(err, &netErr) || !netErr.Timeout() || time.Since(start) > 3*time.Second {
 		t.Fatalf("NOOP to a silent server: %v after %v, want a timeout", err, time.Since(start))
+	}
+}
+
+// TestExtraReplyIsNeverTakenForTheNext: a server that answers one command
+// twice must not have its extra reply taken as the reply to the next: the
+// replies after it would each go to the command before, and a refused
+// message would read as accepted. The next command fails before anything
+// is written, whichever way it goes.
+func TestExtraReplyIsNeverTakenForTheNext(t *testing.T) {
+	next := map[string]func(c *Client) error{
+		"pipeline": func(c *Client) error {
+			_, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
+			return err
+		},
+		"BDAT": func(c *Client) error {
+			_, _, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), true)
+			return err
+		},
+		"message after DATA": func(c *Client) error {
+			_, _, err := c.SendData(strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+			return err
+		},
+	}
+	for name, send := range next {
+		t.Run(name, func(t *testing.T) {
+			var after []byte
+			c, done := scriptedDone(t, func(p *peer) {
+				greet(p, "CHUNKING", "PIPELINING")
+				p.expect("RSET")
+				p.send("250 2.0.0 Ok\r\n250 2.0.0 Ok") // two replies, in one write
+				after, _ = io.ReadAll(p.r)
+			})
+			mustHello(t, c)
+			if err := c.Reset(); err != nil {
+				t.Fatal(err)
+			}
+			if !c.Unsolicited() {
+				t.Error("Unsolicited() is false with a reply waiting that no command asked for")
+			}
+			err := send(c)
+			if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) {
+				t.Errorf("after an extra reply: %v, want ErrUnsolicitedReply", err)
+			}
+			c.Close()
+			<-done
+			if len(after) != 0 {
+				t.Errorf("server read %q after the extra reply, want nothing", after)
+			}
+		})
+	}
+}
+
+// TestRepliesAreStrict: a line with another code than its reply's first
+// line is not taken as text of that reply (textproto's ReadResponse
+// would), and a reply cannot grow without end.
+func TestRepliesAreStrict(t *testing.T) {
+	t.Run("another code inside a reply", func(t *testing.T) {
+		c := scripted(t, func(p *peer) {
+			greet(p, "PIPELINING")
+			p.expect("MAIL FROM:<a@x>")
+			p.expect("RCPT TO:<b@x>")
+			p.send("250-2.1.0 Ok", "550 5.1.1 No such user", "250 2.1.5 Ok")
+			p.drain()
+		})
+		mustHello(t, c)
+		replies, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
+		if !errors.Is(err, ErrMalformedReply) || len(replies) != 0 {
+			t.Errorf("Pipeline: %+v, %v; want no reply and ErrMalformedReply", replies, err)
+		}
+		c.Close()
+	})
+	t.Run("endless reply", func(t *testing.T) {
+		c := scripted(t, func(p *peer) {
+			p.send("220 scripted.test ESMTP")
+			p.expect("EHLO client.test")
+			p.send("250-scripted.test" + strings.Repeat("\r\n250-X-FILLER", maxReplyLines) + "\r\n250 SIZE")
+			p.drain()
+		})
+		if err := c.Greet(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Hello("client.test"); !errors.Is(err, ErrReplyTooLong) {
+			t.Errorf("Hello with a reply of %d lines: %v, want ErrReplyTooLong", maxReplyLines+2, err)
+		}
+		c.Close()
+	})
+	t.Run("not a reply line", func(t *testing.T) {
+		for _, line := range []string{"25", "2500 ok", "250+ok", "abc ok", "099 ok", "600 ok"} {
+			c := scripted(t, func(p *peer) {
+				greet(p)
+				p.expect("NOOP")
+				p.send(line)
+				p.drain()
+			})
+			mustHello(t, c)
+			if err := c.Noop(); !errors.Is(err, ErrMalformedReply) {
+				t.Errorf("NOOP answered %q: %v, want ErrMalformedReply", line, err)
+			}
+			c.Close()
+		}
+	})
+}
+
+// TestAuthRefusalNeverRepeatsTheSecret: a server that echoes what it was
+// sent in its refusal does not get the password or token into the error,
+// which reaches the log.
+func TestAuthRefusalNeverRepeatsTheSecret(t *testing.T) {
+	for _, sc := range []*saslScript{
+		{mech: "PLAIN", ir: []byte("\x00app\x00pl41n-s3cret")},
+		{mech: "XOAUTH2", ir: []byte("user=app@example.com\x01auth=Bearer eyJ0b2tlbi1zM2NyZXQ\x01\x01")},
+	} {
+		t.Run(sc.mech, func(t *testing.T) {
+			secret := "pl41n-s3cret"
+			if sc.mech == "XOAUTH2" {
+				secret = "eyJ0b2tlbi1zM2NyZXQ"
+			}
+			c := scripted(t, func(p *peer) {
+				greet(p, "AUTH PLAIN XOAUTH2")
+				line := p.line()
+				payload := strings.TrimPrefix(line, "AUTH "+sc.mech+" ")
+				p.send("535 5.7.8 Refused " + payload + " for " + secret)
+				p.drain()
+			})
+			mustHello(t, c)
+			err := c.Auth(sc)
+			var smtpErr *smtp.SMTPError
+			if !errors.As(err, &smtpErr) || smtpErr.Code != 535 {
+				t.Fatalf("Auth: %v, want the 535", err)
+			}
+			if msg := err.Error(); strings.Contains(msg, secret) || strings.Contains(msg, b64(string(sc.ir))) {
+				t.Errorf("refusal repeats the secret: %q", msg)
+			}
+			c.Close()
+		})
+	}
+}
+
+// TestAuthChallengesAreBounded: a server that answers every response with
+// another challenge gets "*" after maxAuthRounds of them.
+func TestAuthChallengesAreBounded(t *testing.T) {
+	var rounds int
+	c, done := scriptedDone(t, func(p *peer) {
+		greet(p, "AUTH LOGIN")
+		for {
+			line := p.line()
+			if line == "*" || line == "" {
+				p.send("501 5.7.0 Cancelled")
+				return
+			}
+			rounds++
+			p.send("334 " + b64("More:"))
+		}
+	})
+	mustHello(t, c)
+	sc := &saslScript{mech: "LOGIN", responses: make([][]byte, 100)}
+	for i := range sc.responses {
+		sc.responses[i] = []byte("again")
+	}
+	if err := c.Auth(sc); err == nil || isReply(err) {
+		t.Errorf("Auth against endless challenges: %v, want the client's own error", err)
+	}
+	c.Close()
+	<-done
+	if rounds != maxAuthRounds+1 {
+		t.Errorf("server sent %d challenges, want %d", rounds, maxAuthRounds+1)
 	}
 }
