@@ -60,7 +60,7 @@ type config struct {
 	RateBurst          int           `env:"SMTPPOOL_RATE_BURST" help:"messages that may go at once under SMTPPOOL_RATE_LIMIT"`
 	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst; they count against SMTPPOOL_MAX_CONNS"`
 	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
-	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a transaction that failed transiently is retried, from its first failure, before the client hears of it"`
+	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a command that failed transiently is retried, from its first failure, before the client hears of it"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" help:"longest pause between tries"`

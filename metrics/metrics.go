@@ -172,7 +172,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.descs.waiting, float64(s.PendingAcquires))
 	counter(c.descs.opened, s.ConnsOpened)
 	for reason, n := range map[string]int64{"broken": s.ClosedBroken, "lifetime": s.ClosedLifetime, "idle": s.ClosedIdle,
-		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "unfinished": s.ClosedUnfinished, "shutdown": s.ClosedShutdown,
+		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "shutdown": s.ClosedShutdown,
 		"cap": s.ClosedCap} {
 		counter(c.descs.closed, n, reason)
 	}

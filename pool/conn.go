@@ -255,10 +255,9 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 }
 
 // Release returns the session to the pool. A session left in the middle of
-// a transaction is reset with RSET when the pool has no credentials, and
-// closed otherwise: the pool follows RSET with EHLO, after which some
-// upstreams forget the AUTH. A broken session, or one at its lifetime or
-// message limit, is closed too. Release may be called more than once; the
+// a transaction is reset with RSET (and no EHLO, after which some
+// upstreams forget the AUTH), and closed if that fails. A broken session,
+// or one at its lifetime or message limit, is closed too. Release may be called more than once; the
 // Conn must not be used after.
 //
 // The session's place under the effective cap is given back once the
@@ -271,11 +270,7 @@ func (c *Conn) Release() {
 	c.released = true
 	s := c.res.Value()
 	if s.dirty && !s.broken {
-		if c.pool.cfg.Auth != nil {
-			c.destroy(closeUnfinished)
-			return
-		}
-		if err := s.reset(c.pool.cfg.LocalName); err != nil {
+		if err := s.client.Reset(); err != nil {
 			c.pool.log.Debug("upstream session failed RSET", "session", s.id, "err", err)
 			s.broken = true
 		}

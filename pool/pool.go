@@ -207,13 +207,12 @@ const (
 	closeIdle
 	closeMessages
 	closeDiscarded
-	closeUnfinished
 	closeShutdown
 	closeCap
 	numCloseReasons
 )
 
-var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "unfinished", "shutdown", "cap"}
+var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "shutdown", "cap"}
 
 func (r closeReason) String() string { return closeReasonNames[r] }
 

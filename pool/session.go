@@ -71,13 +71,3 @@ func (s *session) fail(ctx context.Context, cmd string, err error) error {
 	}
 	return fmt.Errorf("upstream %s: %w", cmd, err)
 }
-
-// reset aborts the unfinished transaction with RSET, then says EHLO again,
-// as the go-smtp client this pool used before did, so that a failure there
-// marks the session broken before it is lent again.
-func (s *session) reset(localName string) error {
-	if err := s.client.Reset(); err != nil {
-		return err
-	}
-	return s.client.Hello(localName)
-}

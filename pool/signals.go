@@ -36,8 +36,9 @@ var (
 	// upstream's concurrency limit. The pool lowers its effective cap.
 	ErrConnLimit = errors.New("upstream connection limit")
 	// ErrCapLowered is wrapped with ErrConnLimit when the reply made the
-	// pool lower its effective cap: a retry waits for a session within the
-	// new cap and is likely to succeed.
+	// pool lower its effective cap, or came on a session over a cap
+	// lowered before (one of several refused at once): a retry waits for
+	// a session within the new cap and is likely to succeed.
 	ErrCapLowered = errors.New("effective cap lowered")
 	// ErrTooFast wraps a reply that refused the sending rate. The pool
 	// slows its rate limit down for a while.
@@ -76,7 +77,9 @@ func (p *Pool) signalError(err error, open int32) error {
 	}
 	switch classifySignal(smtpErr) {
 	case signalTooManyConns:
-		if p.lowerCap(open-1, smtpErr) {
+		// When sessions over the cap remain (open > the cap), this one
+		// is one of them: it closes, and the pool shrinks to the cap.
+		if p.lowerCap(open-1, smtpErr) || open > p.gate.current() {
 			return fmt.Errorf("%w (%w): %w", ErrConnLimit, ErrCapLowered, err)
 		}
 		return fmt.Errorf("%w: %w", ErrConnLimit, err)

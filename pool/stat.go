@@ -69,10 +69,6 @@ type Stat struct {
 	ClosedMessages int64
 	// ClosedDiscarded counts healthy conns discarded by their holder.
 	ClosedDiscarded int64
-	// ClosedUnfinished counts conns closed because a transaction was left
-	// unfinished on them while the pool authenticates: RSET and the EHLO
-	// after it could lose the AUTH.
-	ClosedUnfinished int64
 	// ClosedShutdown counts conns closed by Close.
 	ClosedShutdown int64
 	// ClosedCap counts conns closed because the effective cap was lowered
@@ -123,7 +119,6 @@ func (p *Pool) Stat() Stat {
 		ClosedIdle:           p.stats.closed[closeIdle].Load(),
 		ClosedMessages:       p.stats.closed[closeMessages].Load(),
 		ClosedDiscarded:      p.stats.closed[closeDiscarded].Load(),
-		ClosedUnfinished:     p.stats.closed[closeUnfinished].Load(),
 		ClosedShutdown:       p.stats.closed[closeShutdown].Load(),
 		ClosedCap:            p.stats.closed[closeCap].Load(),
 		UpstreamUp:           p.upstreamUp(),

@@ -50,8 +50,8 @@ type Config struct {
 	AcquireTimeout time.Duration
 
 	// RetryTimeout is how long, from its first transient failure, a
-	// transaction is retried before the client gets the failure; default 2
-	// minutes.
+	// command of a transaction is retried before the client gets the
+	// failure; default 2 minutes.
 	RetryTimeout time.Duration
 
 	// MaxAttempts, when above zero, also bounds the tries per transaction;

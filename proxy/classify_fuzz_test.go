@@ -86,8 +86,8 @@ func FuzzClassify(f *testing.F) {
 		if v.now {
 			t.Errorf("classify(%q, %v) asks for an immediate retry; only judge may", cmd, err)
 		}
-		if v.sameSession && !(v.retry && cmd == cmdRcpt) {
-			t.Errorf("classify(%q, %v): same-session retry=%v for %q; only RCPT retries on the same session", cmd, err, v.retry, cmd)
+		if v.sameSession && cmd != cmdRcpt {
+			t.Errorf("classify(%q, %v): same session for %q; only a refused RCPT keeps the transaction's session", cmd, err, cmd)
 		}
 
 		permanent := code >= 500 && code <= 599

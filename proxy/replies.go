@@ -66,7 +66,8 @@ type verdict struct {
 	reply *smtp.SMTPError // for the client, if no retry follows
 	retry bool            // another try might succeed
 	// sameSession says the upstream session is healthy and only this step
-	// was refused: the retry reuses it.
+	// was refused (a recipient): the retry, or the rest of the
+	// transaction, goes on with it.
 	sameSession bool
 	now         bool // retry without a pause
 	// free says the failure is not the transaction's: the upstream refused
@@ -135,7 +136,8 @@ func classifyReply(cmd command, e *smtp.SMTPError) verdict {
 	reply := &smtp.SMTPError{Code: e.Code, EnhancedCode: e.EnhancedCode, Message: e.Message}
 	switch {
 	case e.Code >= 500 && e.Code < 600:
-		return verdict{reply: reply}
+		// A refused recipient leaves the rest of the transaction intact.
+		return verdict{reply: reply, sameSession: cmd == cmdRcpt}
 	case e.Code == 452 && (cmd == cmdRcpt || e.EnhancedCode == smtp.EnhancedCode{4, 5, 3}):
 		return verdict{reply: reply}
 	case e.Code == 421:

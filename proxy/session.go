@@ -86,7 +86,6 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		tx.finishLocked()
 		return err
 	}
-	tx.mailAcked = true
 	return nil
 }
 

@@ -40,10 +40,9 @@ type transaction struct {
 	ended bool
 	up    *pool.Conn // upstream session carrying the transaction, or nil
 
-	from      string
-	opts      smtp.MailOptions
-	mailAcked bool        // the client was told 250 for MAIL
-	rcpts     []recipient // recipients the client was told 250 for
+	from  string
+	opts  smtp.MailOptions
+	rcpts []recipient // recipients the client was told 250 for
 	// envelopeSent says MAIL and the accepted recipients were sent on up.
 	// On an upstream that offers PIPELINING they are held back until the
 	// next RCPT, which goes with them in one write.
@@ -56,7 +55,7 @@ type transaction struct {
 
 	start    time.Time
 	attempts int    // upstream sessions tried
-	failures int    // transient failures so far
+	failures int    // transient failures so far, for MaxAttempts
 	bytes    int    // size of the message read
 	upID     uint64 // the last upstream session used, for the log
 	upAddr   string // and its upstream entry
@@ -64,7 +63,6 @@ type transaction struct {
 	// (pool.ErrNoReply), or got a 4xx for it (pool.ErrAfterMessage): the
 	// upstream may already hold a copy.
 	sentUnanswered bool
-	firstFailure   time.Time       // the first transient failure, which starts the retry window
 	finalReply     *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
 	outcome        string          // for the log: delivered, rejected, failed, abandoned, ...
 	lastCode       int             // the client's last reply code, for the log
@@ -93,8 +91,10 @@ func (b *backend) newTransaction(s *session, from string, opts *smtp.MailOptions
 // failure discards that session (unless it is healthy and only this step
 // was refused), waits a jittered backoff and tries again on a fresh one,
 // replaying MAIL and the accepted recipients, until RetryTimeout has passed
-// since the first failure (or MaxAttempts tries). It returns nil or a bare
-// *smtp.SMTPError for the client.
+// since this command's first failure (or the transaction has had
+// MaxAttempts tries). The window is the command's, as RFC 5321's timeouts
+// are: a failure long after an earlier one was overcome gets a window of
+// its own. It returns nil or a bare *smtp.SMTPError for the client.
 func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn) error) error {
 	if tx.finalReply != nil {
 		return tx.finalReply
@@ -103,6 +103,7 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		return replyNoTransaction
 	}
 	b := tx.s.b
+	var w retryWindow
 	for {
 		where, err := tx.try(cmd, step)
 		if err == nil {
@@ -118,8 +119,20 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		}
 		if v.retry {
 			tx.failures++
+			w.failed()
 		}
-		if !v.retry || tx.retriesExhausted() {
+		if !v.retry {
+			// A permanent refusal says nothing against the session: it
+			// goes back to the pool (reset with RSET if needed, closed if
+			// broken) unless the transaction goes on with it.
+			if !v.sameSession {
+				tx.releaseUpstream()
+			}
+			tx.lastCode = v.reply.Code
+			tx.logFailure(cmd, err, v.reply)
+			return v.reply
+		}
+		if w.left(b.cfg.RetryTimeout) <= 0 || (b.cfg.MaxAttempts > 0 && tx.failures >= b.cfg.MaxAttempts) {
 			if !v.sameSession {
 				tx.discardUpstream()
 			}
@@ -133,11 +146,11 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		if v.now {
 			continue
 		}
-		delay := backoff(tx.failures, b.cfg.RetryBackoff, b.cfg.RetryBackoffMax)
+		delay := backoff(w.failures, b.cfg.RetryBackoff, b.cfg.RetryBackoffMax)
 		if errors.Is(err, pool.ErrTooFast) {
 			delay = b.cfg.RetryBackoffMax // the upstream asked to slow down
 		}
-		delay = min(delay, tx.retryTimeLeft())
+		delay = min(delay, w.left(b.cfg.RetryTimeout))
 		if errors.Is(err, pool.ErrNoReply) {
 			b.log.Warn("upstream lost its reply to a whole message; sending it again, which may deliver it twice",
 				"client", tx.s.client, "upstream_conn", tx.upID, "ambiguous", true)
@@ -352,19 +365,23 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 	return v
 }
 
-// retriesExhausted reports whether the retry window (or the optional
-// limit on tries) leaves no room for another try, starting the window at
-// the first failure.
-func (tx *transaction) retriesExhausted() bool {
-	cfg := tx.s.b.cfg
-	if tx.firstFailure.IsZero() {
-		tx.firstFailure = time.Now()
-	}
-	return tx.retryTimeLeft() <= 0 || (cfg.MaxAttempts > 0 && tx.failures >= cfg.MaxAttempts)
+// retryWindow is one command's retry window: it opens at the command's
+// first transient failure.
+type retryWindow struct {
+	since    time.Time // the first failure
+	failures int       // transient failures, for the backoff
 }
 
-func (tx *transaction) retryTimeLeft() time.Duration {
-	return tx.s.b.cfg.RetryTimeout - time.Since(tx.firstFailure)
+func (w *retryWindow) failed() {
+	if w.since.IsZero() {
+		w.since = time.Now()
+	}
+	w.failures++
+}
+
+// left is the time left of a window of length d.
+func (w *retryWindow) left(d time.Duration) time.Duration {
+	return d - time.Since(w.since)
 }
 
 // stopped returns the reply for a transaction whose context ended.

@@ -215,15 +215,18 @@ func TestRetryReplaysAcceptedRecipients(t *testing.T) {
 // 3 sessions send at once and answers 432 4.3.2 beyond (Exchange Online's
 // per-mailbox limit), a pool capped at 10 delivers every message, the
 // refused tries do not count against the clients, and the effective cap
-// settles at 3.
+// settles at 3. (The cap drops to one below the sessions open at a
+// refusal; a first burst may end with a cap of 4 whose fourth session
+// never sent, so a second burst finds the limit.)
 func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
 	const clients = 40
 	e := newEnv(t, options{upstream: memsmtp.Options{SessionLimit: 3}, pool: pool.Config{MaxConns: 10},
 		proxy: proxy.Config{MaxAttempts: 2}})
 	sendAtOnce(t, e.addr, clients, "limit")
+	sendAtOnce(t, e.addr, clients, "limit-again")
 	st := e.pool.Stat()
-	if n := e.up.Stats().Messages; n != clients {
-		t.Errorf("upstream has %d messages, want %d", n, clients)
+	if n := e.up.Stats().Messages; n != 2*clients {
+		t.Errorf("upstream has %d messages, want %d", n, 2*clients)
 	}
 	if st.EffectiveMaxConns != 3 {
 		t.Errorf("effective cap settled at %d, want 3", st.EffectiveMaxConns)
@@ -252,4 +255,55 @@ func sendAtOnce(t *testing.T, addr string, n int, prefix string) {
 			t.Errorf("send: %v", err)
 		}
 	}
+}
+
+// TestPermanentRefusalsKeepTheSession: a permanent refusal says nothing
+// against the upstream session. A refused recipient leaves the
+// transaction on its session, and a MAIL refused before it reached the
+// upstream (too large for its SIZE) gives the session back to the pool:
+// neither costs a new connection and AUTH, which count against an
+// upstream's limits.
+func TestPermanentRefusalsKeepTheSession(t *testing.T) {
+	t.Run("refused recipient", func(t *testing.T) {
+		e := newEnv(t, options{})
+		c := e.dial(t)
+		e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{}, memsmtp.Fault{Reply: reply(550, [3]int{5, 1, 1}, "No such user")})
+		if err := c.Mail("app@example.com", nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Rcpt("a@example.com", nil); err != nil {
+			t.Fatal(err)
+		}
+		var smtpErr *smtp.SMTPError
+		if err := c.Rcpt("bad@example.com", nil); !errors.As(err, &smtpErr) || smtpErr.Code != 550 {
+			t.Fatalf("RCPT of an unknown user: %v, want the upstream's 550", err)
+		}
+		finish(t, c, "b@example.com", message("refused-rcpt"))
+		msgs := e.up.Messages()
+		if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "a@example.com,b@example.com" {
+			t.Errorf("upstream got %+v, want one message to a and b", msgs)
+		}
+		if st := e.up.Stats(); st.Conns != 1 || st.Auths != 1 || st.Commands["MAIL"] != 1 {
+			t.Errorf("upstream saw %d connections, %d AUTH, %d MAIL; want 1 of each", st.Conns, st.Auths, st.Commands["MAIL"])
+		}
+	})
+	t.Run("MAIL too large for the upstream", func(t *testing.T) {
+		e := newEnv(t, options{upstream: memsmtp.Options{MaxMessageBytes: 1000}})
+		c := e.dial(t)
+		if err := send(c, "app@example.com", []string{"warm@example.com"}, message("warm")); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			var smtpErr *smtp.SMTPError
+			if err := c.Mail("app@example.com", &smtp.MailOptions{Size: 5000}); !errors.As(err, &smtpErr) || smtpErr.Code/100 != 5 {
+				t.Fatalf("MAIL SIZE=5000 to an upstream that takes 1000: %v, want a 5xx", err)
+			}
+		}
+		if err := send(c, "app@example.com", []string{"u@example.com"}, message("after")); err != nil {
+			t.Fatal(err)
+		}
+		if st := e.up.Stats(); st.Conns != 1 || st.Auths != 1 {
+			t.Errorf("upstream saw %d connections and %d AUTH, want 1 and 1", st.Conns, st.Auths)
+		}
+	})
 }

@@ -260,36 +260,48 @@ type Reply struct {
 	Err     error
 }
 
-// Pipeline sends cmds and reads their replies in order. All commands go
+// maxFlight bounds the commands of a pipeline written before their
+// replies are read. A server answers while the client still writes; were
+// the client to write thousands of commands first (a replay of an envelope
+// with a raised recipient limit), the replies could fill both sides'
+// buffers and each side wait for the other to read (RFC 2920, section
+// 3.1). A hundred replies fit in any socket buffer.
+const maxFlight = 100
+
+// Pipeline sends cmds and reads their replies in order. The commands go
 // out in one write before the first reply is read, as RFC 2920 allows for
-// MAIL and RCPT when the server offers PIPELINING. A refusal does not stop
-// it; a failure of the connection does, and is returned with the replies
-// read so far.
+// MAIL and RCPT when the server offers PIPELINING; more than maxFlight
+// go as several such flights. A refusal does not stop it; a failure of the
+// connection does, and is returned with the replies read so far.
 func (c *Client) Pipeline(cmds []Command) ([]Reply, error) {
 	for _, cmd := range cmds {
 		if err := checkLine(cmd.Line); err != nil {
 			return nil, err
 		}
 	}
-	if err := c.checkInSync(); err != nil {
-		return nil, err
-	}
-	// Writes past bufio's buffer happen as the lines are added.
-	c.conn.SetWriteDeadline(deadline(c.CommandTimeout))
-	for _, cmd := range cmds {
-		c.bw.WriteString(cmd.Line)
-		c.bw.WriteString("\r\n")
-	}
-	if err := c.flush(c.CommandTimeout); err != nil {
-		return nil, err
-	}
 	replies := make([]Reply, 0, len(cmds))
-	for _, cmd := range cmds {
-		code, msg, err := c.readReply(cmd.Expect, c.CommandTimeout)
-		if err != nil && !isReply(err) {
+	for len(cmds) > 0 {
+		flight := cmds[:min(len(cmds), maxFlight)]
+		cmds = cmds[len(flight):]
+		if err := c.checkInSync(); err != nil {
 			return replies, err
 		}
-		replies = append(replies, Reply{Code: code, Message: msg, Err: err})
+		// Writes past bufio's buffer happen as the lines are added.
+		c.conn.SetWriteDeadline(deadline(c.CommandTimeout))
+		for _, cmd := range flight {
+			c.bw.WriteString(cmd.Line)
+			c.bw.WriteString("\r\n")
+		}
+		if err := c.flush(c.CommandTimeout); err != nil {
+			return replies, err
+		}
+		for _, cmd := range flight {
+			code, msg, err := c.readReply(cmd.Expect, c.CommandTimeout)
+			if err != nil && !isReply(err) {
+				return replies, err
+			}
+			replies = append(replies, Reply{Code: code, Message: msg, Err: err})
+		}
 	}
 	return replies, nil
 }

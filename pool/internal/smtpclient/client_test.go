@@ -885,3 +885,41 @@ func TestAuthChallengesAreBounded(t *testing.T) {
 		t.Errorf("server sent %d challenges, want %d", rounds, maxAuthRounds+1)
 	}
 }
+
+// TestPipelineFlightsAreBounded: a long pipeline (the replay of an
+// envelope with thousands of recipients) goes in flights of maxFlight
+// commands, each answered before the next is written, so that the server's
+// replies cannot fill the buffers while the client is still writing.
+func TestPipelineFlightsAreBounded(t *testing.T) {
+	const n = maxFlight + maxFlight/2
+	var early int
+	c, done := scriptedDone(t, func(p *peer) {
+		greet(p, "PIPELINING")
+		for range maxFlight {
+			p.line()
+		}
+		early = p.buffered(200 * time.Millisecond) // the client waits for replies now
+		for range maxFlight {
+			p.send("250 2.1.5 Ok")
+		}
+		for range n - maxFlight {
+			p.line()
+			p.send("250 2.1.5 Ok")
+		}
+		p.drain()
+	})
+	mustHello(t, c)
+	cmds := make([]Command, n)
+	for i := range cmds {
+		cmds[i] = Command{Line: fmt.Sprintf("RCPT TO:<u%d@x>", i), Expect: 25}
+	}
+	replies, err := c.Pipeline(cmds)
+	if err != nil || len(replies) != n {
+		t.Fatalf("Pipeline of %d: %d replies, %v", n, len(replies), err)
+	}
+	c.Close()
+	<-done
+	if early != 0 {
+		t.Errorf("the client wrote %d bytes past the first %d commands before their replies", early, maxFlight)
+	}
+}
