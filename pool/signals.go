@@ -53,6 +53,10 @@ func classifySignal(e *smtp.SMTPError) signal {
 	text := strings.ToLower(e.Message)
 	enh := e.EnhancedCode
 	switch {
+	case strings.Contains(text, "receiving mail at a rate"):
+		// Google's 450 4.2.1 for one busy recipient's mailbox: that
+		// recipient's limit, not the sender's.
+		return signalNone
 	case strings.Contains(text, "daily message quota"), e.Code == 550 && enh == smtp.EnhancedCode{5, 4, 5},
 		e.Code == 554 && enh == smtp.EnhancedCode{5, 2, 0} && strings.Contains(text, "storedrv"):
 		return signalQuota

@@ -53,6 +53,7 @@ func TestSignalsAreReadFromTheReply(t *testing.T) {
 		{"Exchange Online, older text", &smtp.SMTPError{Code: 432, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "STOREDRV.ClientSubmit; sender thread limit exceeded"}, pool.ErrConnLimit},
 		{"SES rate", &smtp.SMTPError{Code: 454, EnhancedCode: smtp.NoEnhancedCode, Message: "Throttling failure: Maximum sending rate exceeded."}, pool.ErrTooFast},
 		{"Google peak", &smtp.SMTPError{Code: 450, EnhancedCode: smtp.EnhancedCode{4, 2, 1}, Message: "Peak SMTP relay limit exceeded for customer."}, pool.ErrTooFast},
+		{"Google, one busy recipient", &smtp.SMTPError{Code: 450, EnhancedCode: smtp.EnhancedCode{4, 2, 1}, Message: "The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered."}, nil},
 		{"try again later", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Try again later, closing connection."}, pool.ErrTooFast},
 		{"SES quota", &smtp.SMTPError{Code: 454, EnhancedCode: smtp.NoEnhancedCode, Message: "Throttling failure: Daily message quota exceeded."}, pool.ErrQuota},
 		{"Google daily", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 4, 5}, Message: "Daily SMTP relay limit exceeded for user."}, pool.ErrQuota},
