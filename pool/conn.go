@@ -89,6 +89,10 @@ func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) er
 	s.dirty = true
 	defer s.bind(ctx)()
 	_, _, err = s.client.Cmd(250, line)
+	var smtpErr *smtp.SMTPError
+	if errors.As(err, &smtpErr) {
+		s.dirty = false // a refused MAIL starts no transaction: no RSET needed
+	}
 	return c.done(ctx, "MAIL", err, 250)
 }
 
@@ -164,7 +168,9 @@ func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions
 	}
 	if len(replies) > 0 && replies[0].Err != nil {
 		// A refused MAIL makes the recipients' replies meaningless (503,
-		// typically): MAIL's is the one that counts.
+		// typically): MAIL's is the one that counts. With every reply
+		// read, no transaction was started: no RSET needed.
+		s.dirty = err != nil
 		return nil, c.done(ctx, "MAIL", replies[0].Err, 0)
 	}
 	if err != nil {
@@ -208,7 +214,8 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	s := c.res.Value()
 	defer s.bind(ctx)()
 	var sent bool
-	if ok, _ := c.Extension("CHUNKING"); ok {
+	chunked, _ := c.Extension("CHUNKING")
+	if chunked {
 		reply, sent, err = s.client.BDAT(msg, c.Pipelining())
 	} else {
 		if err := c.done(ctx, "DATA", s.client.StartData(), 354); err != nil {
@@ -231,7 +238,10 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		}
 		return "", c.done(ctx, "end of DATA", err, 0)
 	}
-	s.dirty = false
+	// After a refused BDAT the upstream's state is indeterminate and
+	// wants RSET (RFC 3030, section 2); after DATA's final reply, any
+	// reply, the transaction is over (RFC 5321, section 4.1.1.4).
+	s.dirty = chunked && err != nil
 	s.messages++
 	c.pool.stats.messages.Add(1)
 	if err == nil {
@@ -249,7 +259,7 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 		c.pool.cfg.OnReply(stage, ok)
 	case errors.As(err, &smtpErr):
 		c.pool.cfg.OnReply(stage, smtpErr.Code)
-		err = c.pool.signalError(err, c.pool.connected())
+		err = c.pool.signalError(err, c.pool.connected(), true)
 	}
 	return c.res.Value().fail(ctx, stage, err)
 }

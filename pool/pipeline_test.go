@@ -185,6 +185,42 @@ func TestEnvelopeWithRefusedMail(t *testing.T) {
 	}
 }
 
+// TestRefusedBDATIsReset: after a refused BDAT the upstream's state is
+// indeterminate and wants RSET (RFC 3030), unlike after DATA's final
+// reply: the session is reset before it is lent again, and the next
+// transaction on it succeeds.
+func TestRefusedBDATIsReset(t *testing.T) {
+	for _, chunking := range []bool{true, false} {
+		t.Run(map[bool]string{true: "BDAT", false: "DATA"}[chunking], func(t *testing.T) {
+			opts := memsmtp.Options{}
+			if !chunking {
+				opts.Hide = []string{"CHUNKING"}
+			}
+			up := startUpstream(t, opts)
+			up.Inject(memsmtp.Data, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "rejected"}})
+			p := newPool(t, up, pool.Config{})
+			c := acquire(t, p)
+			if err := send(c, 1); err == nil {
+				t.Fatal("send succeeded despite the 554")
+			}
+			first := c.ID()
+			c.Release()
+			want := map[bool]int64{true: 1, false: 0}[chunking]
+			if n := up.Stats().Commands["RSET"]; n != want {
+				t.Errorf("upstream saw %d RSET after the refused message, want %d", n, want)
+			}
+			c = acquire(t, p)
+			defer c.Release()
+			if c.ID() != first {
+				t.Error("the session was not reused")
+			}
+			if err := send(c, 2); err != nil {
+				t.Errorf("next transaction: %v", err)
+			}
+		})
+	}
+}
+
 // TestRepliesAreReportedWithBDAT: with CHUNKING the verdict on the message
 // is reported as the end of DATA, and there is no 354.
 func TestRepliesAreReportedWithBDAT(t *testing.T) {
@@ -456,5 +492,39 @@ func serveScripted(conn net.Conn, replies map[string]string) {
 		default:
 			reply(strings.ToUpper(verb), "250 ok")
 		}
+	}
+}
+
+// TestRefusedMailNeedsNoReset: a refused MAIL starts no transaction, with
+// pipelining or without, so the session goes back to the pool without an
+// RSET round trip (a client waiting for the refusal would wait for it).
+func TestRefusedMailNeedsNoReset(t *testing.T) {
+	for _, pipelining := range []bool{true, false} {
+		t.Run(map[bool]string{true: "pipelined", false: "one at a time"}[pipelining], func(t *testing.T) {
+			opts := memsmtp.Options{}
+			if !pipelining {
+				opts.Hide = []string{"PIPELINING"}
+			}
+			up := startUpstream(t, opts)
+			up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender refused"}})
+			p := newPool(t, up, pool.Config{})
+			c := acquire(t, p)
+			if _, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients[:1]); err == nil {
+				t.Fatal("Envelope succeeded despite the refused MAIL")
+			}
+			first := c.ID()
+			c.Release()
+			if n := up.Stats().Commands["RSET"]; n != 0 {
+				t.Errorf("upstream saw %d RSET after a refused MAIL, want 0", n)
+			}
+			c = acquire(t, p)
+			defer c.Release()
+			if c.ID() != first {
+				t.Error("the session was not reused")
+			}
+			if err := send(c, 1); err != nil {
+				t.Errorf("next transaction: %v", err)
+			}
+		})
 	}
 }

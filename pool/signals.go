@@ -73,17 +73,21 @@ func classifySignal(e *smtp.SMTPError) signal {
 // signalError wraps err with the sentinel of its signal, if it carries an
 // upstream reply that signals a limit, and lets the pool react: lower the
 // cap (given the sessions open when the reply came, the refused one
-// included) or slow down.
-func (p *Pool) signalError(err error, open int32) error {
+// included) or slow down. inSession says the reply came on a session set
+// up before, not while setting one up.
+func (p *Pool) signalError(err error, open int32, inSession bool) error {
 	var smtpErr *smtp.SMTPError
 	if err == nil || !errors.As(err, &smtpErr) {
 		return err
 	}
 	switch classifySignal(smtpErr) {
 	case signalTooManyConns:
-		// When sessions over the cap remain (open > the cap), this one
-		// is one of them: it closes, and the pool shrinks to the cap.
-		if p.lowerCap(open-1, smtpErr) || open > p.gate.current() {
+		// A session refused while sessions over a cap lowered before
+		// remain (open > the cap) is one of them: it closes, and its
+		// retry waits for a place within the cap. (Not so at set-up,
+		// where a retry would dial again at once while a closing
+		// session still counts.)
+		if p.lowerCap(open-1, smtpErr) || inSession && open > p.gate.current() {
 			return fmt.Errorf("%w (%w): %w", ErrConnLimit, ErrCapLowered, err)
 		}
 		return fmt.Errorf("%w: %w", ErrConnLimit, err)

@@ -215,9 +215,12 @@ func TestRetryReplaysAcceptedRecipients(t *testing.T) {
 // 3 sessions send at once and answers 432 4.3.2 beyond (Exchange Online's
 // per-mailbox limit), a pool capped at 10 delivers every message, the
 // refused tries do not count against the clients, and the effective cap
-// settles at 3. (The cap drops to one below the sessions open at a
-// refusal; a first burst may end with a cap of 4 whose fourth session
-// never sent, so a second burst finds the limit.)
+// settles at 3, or at 2 now and then: the upstream still counts a
+// connection the pool has closed until it has read the close, so a
+// refusal may come with 3 open on the pool's side. (The cap drops to one
+// below the sessions open at a refusal; a first burst may end with a cap
+// of 4 whose fourth session never sent, so a second burst finds the
+// limit.)
 func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
 	const clients = 40
 	e := newEnv(t, options{upstream: memsmtp.Options{SessionLimit: 3}, pool: pool.Config{MaxConns: 10},
@@ -228,8 +231,8 @@ func TestCapSettlesAtTheUpstreamsSessionLimit(t *testing.T) {
 	if n := e.up.Stats().Messages; n != 2*clients {
 		t.Errorf("upstream has %d messages, want %d", n, 2*clients)
 	}
-	if st.EffectiveMaxConns != 3 {
-		t.Errorf("effective cap settled at %d, want 3", st.EffectiveMaxConns)
+	if st.EffectiveMaxConns != 3 && st.EffectiveMaxConns != 2 {
+		t.Errorf("effective cap settled at %d, want 3 (or 2)", st.EffectiveMaxConns)
 	}
 	t.Logf("upstream connections: %d, most open at once: %d; pool: %+v", e.up.Stats().Conns, e.up.Stats().MaxOpen, st)
 }

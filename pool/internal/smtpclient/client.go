@@ -213,6 +213,10 @@ func (c *Client) Auth(sc sasl.Client) error {
 		sent = append(sent, resp)
 		code, msg, err = c.Cmd(0, base64.StdEncoding.EncodeToString(resp))
 	}
+	if errors.Is(err, ErrMalformedReply) {
+		// Its error quotes the line, which may echo what was sent.
+		err = ErrMalformedReply
+	}
 	return fmt.Errorf("AUTH %s: %w", mech, err)
 }
 

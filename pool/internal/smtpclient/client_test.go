@@ -834,23 +834,24 @@ func TestAuthRefusalNeverRepeatsTheSecret(t *testing.T) {
 			if sc.mech == "XOAUTH2" {
 				secret = "eyJ0b2tlbi1zM2NyZXQ"
 			}
-			c := scripted(t, func(p *peer) {
-				greet(p, "AUTH PLAIN XOAUTH2")
-				line := p.line()
-				payload := strings.TrimPrefix(line, "AUTH "+sc.mech+" ")
-				p.send("535 5.7.8 Refused " + payload + " for " + secret)
-				p.drain()
-			})
-			mustHello(t, c)
-			err := c.Auth(sc)
-			var smtpErr *smtp.SMTPError
-			if !errors.As(err, &smtpErr) || smtpErr.Code != 535 {
-				t.Fatalf("Auth: %v, want the 535", err)
+			for _, echo := range []string{"535 5.7.8 Refused %s for %s", "%s %s"} { // a refusal, and not even a reply
+				c := scripted(t, func(p *peer) {
+					greet(p, "AUTH PLAIN XOAUTH2")
+					line := p.line()
+					payload := strings.TrimPrefix(line, "AUTH "+sc.mech+" ")
+					p.send(fmt.Sprintf(echo, payload, secret))
+					p.drain()
+				})
+				mustHello(t, c)
+				err := c.Auth(sc)
+				if err == nil {
+					t.Fatalf("Auth answered %q: no error", echo)
+				}
+				if msg := err.Error(); strings.Contains(msg, secret) || strings.Contains(msg, b64(string(sc.ir))) {
+					t.Errorf("error repeats the secret: %q", msg)
+				}
+				c.Close()
 			}
-			if msg := err.Error(); strings.Contains(msg, secret) || strings.Contains(msg, b64(string(sc.ir))) {
-				t.Errorf("refusal repeats the secret: %q", msg)
-			}
-			c.Close()
 		})
 	}
 }
