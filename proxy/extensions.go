@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"strings"
 
 	"github.com/emersion/go-smtp"
@@ -52,6 +53,17 @@ func checkMessage(c *pool.Conn, msg *messageBuffer) error {
 		return replyNoSMTPUTF8Header
 	}
 	return nil
+}
+
+// isExtensionRefusal reports whether err is smtppool's own refusal of
+// something the upstream session's extensions cannot carry.
+func isExtensionRefusal(err error) bool {
+	for _, r := range []*smtp.SMTPError{replyNoSMTPUTF8Address, replyNoSMTPUTF8Header, replyNo8BitMIME, replyTooBigUpstream} {
+		if errors.Is(err, r) {
+			return true
+		}
+	}
+	return false
 }
 
 func hasExtension(c *pool.Conn, name string) bool {

@@ -3,9 +3,13 @@ package proxy_test
 import (
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
+
 	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+	"github.com/smtppool/smtppool/proxy"
 )
 
 // TestExtensionsCarriedThrough: MAIL parameters reach an upstream that
@@ -101,5 +105,46 @@ func TestClientAuthIdentityIsNotForwarded(t *testing.T) {
 	}
 	if m := e.up.Messages(); len(m) != 1 || m[0].Opts.Auth != nil {
 		t.Errorf("upstream MAIL AUTH= parameter = %v, want none", m[0].Opts.Auth)
+	}
+}
+
+// TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault: a transaction
+// whose first upstream entry offered SMTPUTF8 and whose retry lands on a
+// failover entry without it gets a 4xx (the first entry may be back),
+// never the 5xx that would make the client drop the message.
+func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
+	start := func(o memsmtp.Options) *memsmtp.Server {
+		o.Username, o.Password = "app", "s3cret"
+		up, err := memsmtp.Start(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { up.Close() })
+		return up
+	}
+	first, second := start(memsmtp.Options{}), start(memsmtp.Options{Hide: []string{"SMTPUTF8"}})
+	p, err := pool.New(pool.Config{Addr: first.Addr + "," + second.Addr, TLS: pool.TLSNone,
+		Auth: pool.PasswordAuth{Username: "app", Password: "s3cret"}, AllowInsecureAuth: true,
+		ProbeBackoff: time.Millisecond, ProbeBackoffMax: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("josé@example.com", &smtp.MailOptions{UTF8: true}); err != nil {
+		t.Fatalf("MAIL with SMTPUTF8, first entry up: %v", err)
+	}
+	first.Close() // the first entry goes away; the retry lands on the second
+	err = c.Rcpt("user@example.com", nil)
+	var smtpErr *smtp.SMTPError
+	if !errors.As(err, &smtpErr) || smtpErr.Code/100 != 4 {
+		t.Errorf("RCPT once only the entry without SMTPUTF8 is left: %v, want a 4xx", err)
+	}
+	if n := second.Stats().Messages; n != 0 {
+		t.Errorf("the second entry kept %d messages, want 0", n)
 	}
 }
