@@ -129,7 +129,9 @@ func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond})
+	retries := &retryCounter{reasons: map[string]int{}}
+	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond,
+		Observer: retries})
 	c, err := smtp.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
@@ -146,5 +148,8 @@ func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
 	}
 	if n := second.Stats().Messages; n != 0 {
 		t.Errorf("the second entry kept %d messages, want 0", n)
+	}
+	if retries.count("failover") == 0 {
+		t.Errorf("retries by reason %v, want some for failover", retries)
 	}
 }

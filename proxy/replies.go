@@ -159,6 +159,8 @@ func retryReason(err error) string {
 		return "conn_limit"
 	case errors.Is(err, pool.ErrTooFast):
 		return "too_fast"
+	case isExtensionRefusal(err):
+		return "failover" // an entry without an extension the first one had
 	case errors.As(err, &smtpErr) && smtpErr.Code == 530:
 		return "auth_lost"
 	case errors.As(err, &smtpErr) && smtpErr.Code == 421:
