@@ -3,9 +3,7 @@
 package e2e
 
 import (
-	"fmt"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -217,14 +215,5 @@ func attemptsTally(log string) string {
 			counts[n]++
 		}
 	}
-	keys := make([]int, 0, len(counts))
-	for k := range counts {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	parts := make([]string, len(keys))
-	for i, k := range keys {
-		parts[i] = fmt.Sprintf("%d: %d", k, counts[k])
-	}
-	return strings.Join(parts, ", ")
+	return formatCounts(counts)
 }

@@ -6,7 +6,9 @@ package e2e
 // failure messages.
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
 	"net"
 	"slices"
 	"strings"
@@ -39,14 +41,16 @@ func tally(rs []peers.Result) string {
 		}
 		counts[key]++
 	}
-	keys := make([]string, 0, len(counts))
-	for k := range counts {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
+	return formatCounts(counts)
+}
+
+// formatCounts lists counts by key, in the keys' order, such as
+// "1: 258, 2: 2".
+func formatCounts[K cmp.Ordered](counts map[K]int) string {
+	keys := slices.Sorted(maps.Keys(counts))
 	parts := make([]string, len(keys))
 	for i, k := range keys {
-		parts[i] = fmt.Sprintf("%s: %d", k, counts[k])
+		parts[i] = fmt.Sprintf("%v: %d", k, counts[k])
 	}
 	return strings.Join(parts, ", ")
 }

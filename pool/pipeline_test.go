@@ -185,29 +185,42 @@ func TestEnvelopeWithRefusedMail(t *testing.T) {
 	}
 }
 
-// TestRefusedBDATIsReset: after a refused BDAT the upstream's state is
-// indeterminate and wants RSET (RFC 3030), unlike after DATA's final
-// reply: the session is reset before it is lent again, and the next
-// transaction on it succeeds.
-func TestRefusedBDATIsReset(t *testing.T) {
-	for _, chunking := range []bool{true, false} {
-		t.Run(map[bool]string{true: "BDAT", false: "DATA"}[chunking], func(t *testing.T) {
-			opts := memsmtp.Options{}
-			if !chunking {
-				opts.Hide = []string{"CHUNKING"}
-			}
-			up := startUpstream(t, opts)
-			up.Inject(memsmtp.Data, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "rejected"}})
+// TestRefusalsAndRSET: a refusal leaves the session in the pool, reset
+// with RSET only where the upstream's state needs it. A refused MAIL
+// starts no transaction, with pipelining or without (so the client's
+// refusal need not wait for an RSET round trip); DATA's final reply ends
+// the transaction, whatever it is; after a refused BDAT the upstream's
+// state is indeterminate and wants RSET (RFC 3030).
+func TestRefusalsAndRSET(t *testing.T) {
+	refused := memsmtp.Fault{Reply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "refused"}}
+	tests := []struct {
+		name     string
+		hide     []string
+		at       memsmtp.Command
+		wantRSET int64
+	}{
+		{name: "MAIL, pipelined", at: memsmtp.Mail},
+		{name: "MAIL, one command at a time", hide: []string{"PIPELINING"}, at: memsmtp.Mail},
+		{name: "message with DATA", hide: []string{"CHUNKING"}, at: memsmtp.Data},
+		{name: "message with BDAT", at: memsmtp.Data, wantRSET: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, memsmtp.Options{Hide: tt.hide})
+			up.Inject(tt.at, refused)
 			p := newPool(t, up, pool.Config{})
 			c := acquire(t, p)
-			if err := send(c, 1); err == nil {
-				t.Fatal("send succeeded despite the 554")
+			_, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients[:1])
+			if err == nil {
+				_, err = c.Data(context.Background(), strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+			}
+			if err == nil {
+				t.Fatal("the transaction succeeded despite the 554")
 			}
 			first := c.ID()
 			c.Release()
-			want := map[bool]int64{true: 1, false: 0}[chunking]
-			if n := up.Stats().Commands["RSET"]; n != want {
-				t.Errorf("upstream saw %d RSET after the refused message, want %d", n, want)
+			if n := up.Stats().Commands["RSET"]; n != tt.wantRSET {
+				t.Errorf("upstream saw %d RSET after the refusal, want %d", n, tt.wantRSET)
 			}
 			c = acquire(t, p)
 			defer c.Release()
@@ -492,39 +505,5 @@ func serveScripted(conn net.Conn, replies map[string]string) {
 		default:
 			reply(strings.ToUpper(verb), "250 ok")
 		}
-	}
-}
-
-// TestRefusedMailNeedsNoReset: a refused MAIL starts no transaction, with
-// pipelining or without, so the session goes back to the pool without an
-// RSET round trip (a client waiting for the refusal would wait for it).
-func TestRefusedMailNeedsNoReset(t *testing.T) {
-	for _, pipelining := range []bool{true, false} {
-		t.Run(map[bool]string{true: "pipelined", false: "one at a time"}[pipelining], func(t *testing.T) {
-			opts := memsmtp.Options{}
-			if !pipelining {
-				opts.Hide = []string{"PIPELINING"}
-			}
-			up := startUpstream(t, opts)
-			up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender refused"}})
-			p := newPool(t, up, pool.Config{})
-			c := acquire(t, p)
-			if _, err := c.Envelope(context.Background(), "sender@example.com", nil, recipients[:1]); err == nil {
-				t.Fatal("Envelope succeeded despite the refused MAIL")
-			}
-			first := c.ID()
-			c.Release()
-			if n := up.Stats().Commands["RSET"]; n != 0 {
-				t.Errorf("upstream saw %d RSET after a refused MAIL, want 0", n)
-			}
-			c = acquire(t, p)
-			defer c.Release()
-			if c.ID() != first {
-				t.Error("the session was not reused")
-			}
-			if err := send(c, 1); err != nil {
-				t.Errorf("next transaction: %v", err)
-			}
-		})
 	}
 }
