@@ -267,8 +267,8 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error 
 // Release returns the session to the pool. A session left in the middle of
 // a transaction is reset with RSET (and no EHLO, after which some
 // upstreams forget the AUTH), and closed if that fails. A broken session,
-// or one at its lifetime or message limit, is closed too. Release may be called more than once; the
-// Conn must not be used after.
+// or one at its lifetime or message limit, is closed too. Release may be
+// called more than once; the Conn must not be used after.
 //
 // The session's place under the effective cap is given back once the
 // session is idle again or, when it is closed, once its connection is:
