@@ -36,6 +36,9 @@ const MailDomain = "test.example"
 type PostfixOptions struct {
 	Limit           int    // per-client concurrent connections (PF_LIMIT), default 20
 	TLSCert, TLSKey string // PEM files, readable by Postfix: offer STARTTLS with them
+	// Postconf holds further main.cf settings, "name = value" each, set
+	// with postconf -e after the recipe's.
+	Postconf []string
 }
 
 // StartUpstream sets up a Postfix upstream in dir, on a free port, with
@@ -61,6 +64,12 @@ func StartUpstream(o Owner, dir, script string, opts PostfixOptions) (*Postfix, 
 	}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("%s setup: %w\n%s", script, err, out)
+	}
+	if len(opts.Postconf) > 0 {
+		args := append([]string{"-c", p.etc, "-e"}, opts.Postconf...)
+		if out, err := exec.CommandContext(o.Context(), "postconf", args...).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("postconf %q: %w\n%s", opts.Postconf, err, out)
+		}
 	}
 	return p, p.startOwned(o)
 }
