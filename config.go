@@ -64,7 +64,7 @@ type config struct {
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" help:"longest pause between tries"`
-	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may last once it holds an upstream session, until the reply to its message; then the client gets 451 4.4.2"`
+	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may hold an upstream session while smtppool waits for the client (a slow or stalled client, NOOPs); then the client gets 451 4.4.2 and the session is freed. A command already sent upstream is not cut short: the upstream's reply is bounded by the command and data timeouts"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" help:"renew an upstream session after this long"`
 	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" help:"close upstream sessions idle longer than this"`
 	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" help:"renew an upstream session after this many messages"`
@@ -212,7 +212,7 @@ func (c *config) check(demo bool) error {
 			add("SMTPPOOL_ADMIN_ADDR", "%q is not host:port: %v", c.AdminAddr, err)
 		}
 	}
-	if c.MinIdleConns < 0 || c.MinIdleConns > c.MaxConns {
+	if c.MinIdleConns < 0 || c.MaxConns >= 1 && c.MinIdleConns > c.MaxConns { // a bad MAX_CONNS has its own error
 		add("SMTPPOOL_MIN_IDLE_CONNS", "%d is not between 0 and SMTPPOOL_MAX_CONNS, %d", c.MinIdleConns, c.MaxConns)
 	}
 	if c.Hostname != "" && !isDomain(c.Hostname) {

@@ -138,6 +138,15 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 	checkConfigErrors(t, tests)
 }
 
+// TestConfigErrorBlamesOnlyTheBadVariable: a bad SMTPPOOL_MAX_CONNS is
+// not also blamed on SMTPPOOL_MIN_IDLE_CONNS, left at its default.
+func TestConfigErrorBlamesOnlyTheBadVariable(t *testing.T) {
+	_, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587", "SMTPPOOL_MAX_CONNS=-1"}, false)
+	if err == nil || !strings.Contains(err.Error(), "SMTPPOOL_MAX_CONNS") || strings.Contains(err.Error(), "SMTPPOOL_MIN_IDLE_CONNS") {
+		t.Errorf("loadConfig with SMTPPOOL_MAX_CONNS=-1: %v; want an error that names SMTPPOOL_MAX_CONNS only", err)
+	}
+}
+
 // configError is an environment that must not load, and the variable its
 // error must name.
 type configError struct {

@@ -66,10 +66,12 @@ type Config struct {
 	// RetryBackoffMax caps the pause between tries; default 4 seconds.
 	RetryBackoffMax time.Duration
 
-	// TransactionTimeout is the longest a client transaction may last once
-	// it has an upstream session, until the reply to its message; after it,
-	// the session is released and the client gets 451 4.4.2; default 15
-	// minutes.
+	// TransactionTimeout is the longest a client transaction may hold an
+	// upstream session while the proxy waits for the client; after it, the
+	// session is released and the client gets 451 4.4.2. A command already
+	// sent upstream is not cut short (that could leave a delivered message
+	// unacknowledged): the pool's command and data timeouts bound it.
+	// Default 15 minutes.
 	TransactionTimeout time.Duration
 
 	// ClientTimeout is how long a client may stay silent, or take to read a
