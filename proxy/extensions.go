@@ -55,6 +55,41 @@ func checkMessage(c *pool.Conn, msg *messageBuffer) error {
 	return nil
 }
 
+// offered is what upstream sessions offered between them: with several
+// upstream entries, one may lack what another has.
+type offered struct {
+	utf8, eightBit bool
+	maxSize        int64 // the largest SIZE limit seen; unlimitedSize if one had none
+	unlimitedSize  bool
+}
+
+// add records what c offers.
+func (o *offered) add(c *pool.Conn) {
+	o.utf8 = o.utf8 || hasExtension(c, "SMTPUTF8")
+	o.eightBit = o.eightBit || hasExtension(c, "8BITMIME")
+	if limit, ok := c.MaxMessageSize(); ok {
+		o.maxSize = max(o.maxSize, limit)
+	} else {
+		o.unlimitedSize = true
+	}
+}
+
+// couldTake reports whether err is smtppool's own refusal of something
+// the current session cannot carry (see isExtensionRefusal) that a
+// session recorded in o could have carried, for a message of declared
+// size.
+func (o *offered) couldTake(err error, size int64) bool {
+	switch {
+	case errors.Is(err, replyNoSMTPUTF8Address), errors.Is(err, replyNoSMTPUTF8Header):
+		return o.utf8
+	case errors.Is(err, replyNo8BitMIME):
+		return o.eightBit
+	case errors.Is(err, replyTooBigUpstream):
+		return o.unlimitedSize || size <= o.maxSize
+	}
+	return false
+}
+
 // isExtensionRefusal reports whether err is smtppool's own refusal of
 // something the upstream session's extensions cannot carry.
 func isExtensionRefusal(err error) bool {

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -113,25 +114,9 @@ func TestClientAuthIdentityIsNotForwarded(t *testing.T) {
 // failover entry without it gets a 4xx (the first entry may be back),
 // never the 5xx that would make the client drop the message.
 func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
-	start := func(o memsmtp.Options) *memsmtp.Server {
-		o.Username, o.Password = "app", "s3cret"
-		up, err := memsmtp.Start(o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { up.Close() })
-		return up
-	}
-	first, second := start(memsmtp.Options{}), start(memsmtp.Options{Hide: []string{"SMTPUTF8"}})
-	p, err := pool.New(pool.Config{Addr: first.Addr + "," + second.Addr, TLS: pool.TLSNone,
-		Auth: pool.PasswordAuth{Username: "app", Password: "s3cret"}, AllowInsecureAuth: true,
-		ProbeBackoff: time.Millisecond, ProbeBackoffMax: 5 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	first, second := startUpstreamEntry(t, memsmtp.Options{}), startUpstreamEntry(t, memsmtp.Options{Hide: []string{"SMTPUTF8"}})
 	retries := &retryCounter{reasons: map[string]int{}}
-	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond,
-		Observer: retries})
+	addr := serveEntries(t, retries, first, second)
 	c, err := smtp.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
@@ -152,4 +137,74 @@ func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
 	if retries.count("failover") == 0 {
 		t.Errorf("retries by reason %v, want some for failover", retries)
 	}
+}
+
+// TestNoEntryWithTheExtensionIsTheMessagesFault: when no upstream entry
+// the transaction has used offers what the message needs (8BITMIME here),
+// the refusal stays a 5xx after a failover: retrying could not help.
+func TestNoEntryWithTheExtensionIsTheMessagesFault(t *testing.T) {
+	hide := memsmtp.Options{Hide: []string{"8BITMIME"}}
+	first, second := startUpstreamEntry(t, hide), startUpstreamEntry(t, hide)
+	retries := &retryCounter{reasons: map[string]int{}}
+	addr := serveEntries(t, retries, first, second)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("app@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("a@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	first.Close() // the next command fails over to the second entry
+	if err := c.Rcpt("b@example.com", nil); err != nil {
+		t.Fatalf("RCPT after the failover: %v", err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("Subject: x\r\n\r\ncaf\xc3\xa9\r\n"))
+	err = w.Close()
+	var smtpErr *smtp.SMTPError
+	if !errors.As(err, &smtpErr) || smtpErr.Code != 554 {
+		t.Errorf("8-bit message, no entry with 8BITMIME: %v, want 554", err)
+	}
+	if n := retries.count("failover"); n != 0 {
+		t.Errorf("%d failover retries, want none", n)
+	}
+}
+
+// startUpstreamEntry starts an in-process upstream with the test's
+// credentials, closed when the test ends.
+func startUpstreamEntry(t *testing.T, o memsmtp.Options) *memsmtp.Server {
+	t.Helper()
+	o.Username, o.Password = "app", "s3cret"
+	up, err := memsmtp.Start(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	return up
+}
+
+// serveEntries runs a proxy whose pool fails over across the entries, in
+// order, with a short retry window, and returns its address.
+func serveEntries(t *testing.T, observer proxy.Observer, entries ...*memsmtp.Server) string {
+	t.Helper()
+	addrs := make([]string, len(entries))
+	for i, e := range entries {
+		addrs[i] = e.Addr
+	}
+	p, err := pool.New(pool.Config{Addr: strings.Join(addrs, ","), TLS: pool.TLSNone,
+		Auth: pool.PasswordAuth{Username: "app", Password: "s3cret"}, AllowInsecureAuth: true,
+		ProbeBackoff: time.Millisecond, ProbeBackoffMax: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond,
+		Observer: observer})
+	return addr
 }

@@ -160,7 +160,7 @@ func retryReason(err error) string {
 	case errors.Is(err, pool.ErrTooFast):
 		return "too_fast"
 	case isExtensionRefusal(err):
-		return "failover" // an entry without an extension the first one had
+		return "failover" // an entry without an extension another one had
 	case errors.As(err, &smtpErr) && smtpErr.Code == 530:
 		return "auth_lost"
 	case errors.As(err, &smtpErr) && smtpErr.Code == 421:

@@ -59,9 +59,9 @@ type transaction struct {
 	bytes    int    // size of the message read
 	upID     uint64 // the last upstream session used, for the log
 	upAddr   string // and its upstream entry
-	// firstUpstream is the upstream entry of the transaction's first
-	// session, whose extensions its parameters were first judged by.
-	firstUpstream string
+	// offered is what the upstream sessions the transaction has used
+	// offered between them, for a refusal on one that lacks it.
+	offered offered
 	// sentUnanswered says a try sent the whole message and lost the reply
 	// (pool.ErrNoReply), or got a 4xx for it (pool.ErrAfterMessage): the
 	// upstream may already hold a copy.
@@ -241,9 +241,7 @@ func (tx *transaction) mailStage() stage {
 func (tx *transaction) adopt(c *pool.Conn) {
 	tx.up = c
 	tx.upID, tx.upAddr = c.ID(), c.Upstream()
-	if tx.firstUpstream == "" {
-		tx.firstUpstream = tx.upAddr
-	}
+	tx.offered.add(c)
 	tx.envelopeSent = false
 	tx.attempts++
 	if tx.timer == nil {
@@ -330,10 +328,10 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 	if where == stageMail {
 		judged = cmdMail // a held MAIL's verdict, reported at RCPT
 	}
-	if isExtensionRefusal(err) && tx.upAddr != tx.firstUpstream {
-		// A failover entry lacks an extension the transaction needs and
-		// the first entry offered: not the message's fault, and the
-		// first entry may be back for the next try.
+	if tx.offered.couldTake(err, tx.opts.Size) {
+		// This session's entry (a failover entry, say) lacks an extension
+		// the transaction needs and another session of it offered: not
+		// the message's fault, and that entry may serve the next try.
 		return verdict{reply: replyUnavailable, retry: true}
 	}
 	v := classify(judged, err)
