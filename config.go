@@ -190,13 +190,21 @@ func (c *config) check(demo bool) error {
 	if !demo {
 		c.checkAuth(add)
 	}
+	outOfBounds := map[string]bool{}
 	for _, b := range c.bounds() {
 		switch {
 		case b.value < b.min:
 			add(b.name, "%s is below the least sensible value, %s", b.format(b.value), b.format(b.min))
 		case b.value > b.max:
 			add(b.name, "%s is above the greatest sensible value, %s", b.format(b.value), b.format(b.max))
+		default:
+			continue
 		}
+		outOfBounds[b.name] = true
+	}
+	// A bad SMTPPOOL_MAX_CONNS has its own error above.
+	if c.MinIdleConns < 0 || !outOfBounds["SMTPPOOL_MAX_CONNS"] && c.MinIdleConns > c.MaxConns {
+		add("SMTPPOOL_MIN_IDLE_CONNS", "%d is not between 0 and SMTPPOOL_MAX_CONNS, %d", c.MinIdleConns, c.MaxConns)
 	}
 	if c.RateLimit < 0 {
 		add("SMTPPOOL_RATE_LIMIT", "%v is negative; 0 means no limit", c.RateLimit)
@@ -211,9 +219,6 @@ func (c *config) check(demo bool) error {
 		if _, _, err := net.SplitHostPort(c.AdminAddr); err != nil {
 			add("SMTPPOOL_ADMIN_ADDR", "%q is not host:port: %v", c.AdminAddr, err)
 		}
-	}
-	if c.MinIdleConns < 0 || c.MaxConns >= 1 && c.MinIdleConns > c.MaxConns { // a bad MAX_CONNS has its own error
-		add("SMTPPOOL_MIN_IDLE_CONNS", "%d is not between 0 and SMTPPOOL_MAX_CONNS, %d", c.MinIdleConns, c.MaxConns)
 	}
 	if c.Hostname != "" && !isDomain(c.Hostname) {
 		add("SMTPPOOL_HOSTNAME", "%q is not a valid domain name", c.Hostname)

@@ -139,11 +139,13 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 }
 
 // TestConfigErrorBlamesOnlyTheBadVariable: a bad SMTPPOOL_MAX_CONNS is
-// not also blamed on SMTPPOOL_MIN_IDLE_CONNS, left at its default.
+// not also blamed on SMTPPOOL_MIN_IDLE_CONNS.
 func TestConfigErrorBlamesOnlyTheBadVariable(t *testing.T) {
-	_, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587", "SMTPPOOL_MAX_CONNS=-1"}, false)
-	if err == nil || !strings.Contains(err.Error(), "SMTPPOOL_MAX_CONNS") || strings.Contains(err.Error(), "SMTPPOOL_MIN_IDLE_CONNS") {
-		t.Errorf("loadConfig with SMTPPOOL_MAX_CONNS=-1: %v; want an error that names SMTPPOOL_MAX_CONNS only", err)
+	for _, env := range [][]string{{"SMTPPOOL_MAX_CONNS=-1"}, {"SMTPPOOL_MAX_CONNS=6000", "SMTPPOOL_MIN_IDLE_CONNS=5000"}} {
+		_, err := loadConfig(append([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}, env...), false)
+		if err == nil || !strings.Contains(err.Error(), "SMTPPOOL_MAX_CONNS") || strings.Contains(err.Error(), "SMTPPOOL_MIN_IDLE_CONNS") {
+			t.Errorf("loadConfig with %v: %v; want an error that names SMTPPOOL_MAX_CONNS only", env, err)
+		}
 	}
 }
 
