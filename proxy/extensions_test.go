@@ -116,17 +116,12 @@ func TestClientAuthIdentityIsNotForwarded(t *testing.T) {
 func TestFailoverEntryWithoutAnExtensionIsNotTheMessagesFault(t *testing.T) {
 	first, second := startUpstreamEntry(t, memsmtp.Options{}), startUpstreamEntry(t, memsmtp.Options{Hide: []string{"SMTPUTF8"}})
 	retries := &retryCounter{reasons: map[string]int{}}
-	addr := serveEntries(t, retries, first, second)
-	c, err := smtp.Dial(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialEntries(t, retries, first, second)
 	if err := c.Mail("josé@example.com", &smtp.MailOptions{UTF8: true}); err != nil {
 		t.Fatalf("MAIL with SMTPUTF8, first entry up: %v", err)
 	}
 	first.Close() // the first entry goes away; the retry lands on the second
-	err = c.Rcpt("user@example.com", nil)
+	err := c.Rcpt("user@example.com", nil)
 	var smtpErr *smtp.SMTPError
 	if !errors.As(err, &smtpErr) || smtpErr.Code/100 != 4 {
 		t.Errorf("RCPT once only the entry without SMTPUTF8 is left: %v, want a 4xx", err)
@@ -146,12 +141,7 @@ func TestNoEntryWithTheExtensionIsTheMessagesFault(t *testing.T) {
 	hide := memsmtp.Options{Hide: []string{"8BITMIME"}}
 	first, second := startUpstreamEntry(t, hide), startUpstreamEntry(t, hide)
 	retries := &retryCounter{reasons: map[string]int{}}
-	addr := serveEntries(t, retries, first, second)
-	c, err := smtp.Dial(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialEntries(t, retries, first, second)
 	if err := c.Mail("app@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -190,9 +180,10 @@ func startUpstreamEntry(t *testing.T, o memsmtp.Options) *memsmtp.Server {
 	return up
 }
 
-// serveEntries runs a proxy whose pool fails over across the entries, in
-// order, with a short retry window, and returns its address.
-func serveEntries(t *testing.T, observer proxy.Observer, entries ...*memsmtp.Server) string {
+// dialEntries runs a proxy whose pool fails over across the entries, in
+// order, with a short retry window, and returns a client connected to it;
+// both end with the test.
+func dialEntries(t *testing.T, observer proxy.Observer, entries ...*memsmtp.Server) *smtp.Client {
 	t.Helper()
 	addrs := make([]string, len(entries))
 	for i, e := range entries {
@@ -206,5 +197,10 @@ func serveEntries(t *testing.T, observer proxy.Observer, entries ...*memsmtp.Ser
 	}
 	_, addr := serve(t, p, proxy.Config{RetryTimeout: 300 * time.Millisecond, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond,
 		Observer: observer})
-	return addr
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }

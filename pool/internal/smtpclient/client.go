@@ -477,7 +477,7 @@ func truncate(line string) string {
 // already read into the buffer, which is where an extra reply that came
 // with an awaited one is.
 func (c *Client) checkInSync() error {
-	if c.br.Buffered() > 0 {
+	if c.Unsolicited() {
 		return ErrUnsolicitedReply
 	}
 	return nil
