@@ -27,7 +27,7 @@ type config struct {
 
 	// Who may send: see access.go and README.md's Security section.
 	AllowedNetworks    []string `env:"SMTPPOOL_ALLOWED_NETWORKS" envSeparator:"," help:"comma-separated networks (CIDR) or addresses of the clients that may connect; others get 554 5.7.1 instead of the greeting"`
-	MaxClientConns     int      `env:"SMTPPOOL_MAX_CLIENT_CONNS" help:"most client connections open at once; beyond it, new ones get 421 4.7.0 instead of the greeting"`
+	MaxClientConns     int      `env:"SMTPPOOL_MAX_CLIENT_CONNS" default:"derived from memory" help:"most client connections open at once; beyond it, new ones get 421 4.7.0 instead of the greeting. Unset, it is what the memory smtppool may use holds: GOMEMLIMIT if set, else 90% of the container's memory limit (cgroup v2 memory.max, or v1 memory.limit_in_bytes), which smtppool then sets as GOMEMLIMIT, less the message buffer budget (SMTPPOOL_MAX_BUFFER_BYTES) and 32 MiB, at 32 KiB per client; 10000 without a memory limit; never more than the open-files limit allows. The start-up log shows the figures"`
 	ClientUsername     string   `env:"SMTPPOOL_CLIENT_USERNAME" help:"if set, clients must authenticate with it and SMTPPOOL_CLIENT_PASSWORD (AUTH PLAIN or LOGIN) before MAIL; AUTH is offered over TLS, and in plain text to loopback clients only"`
 	ClientPassword     string   `env:"SMTPPOOL_CLIENT_PASSWORD" help:"the password clients authenticate with"`
 	ClientPasswordFile string   `env:"SMTPPOOL_CLIENT_PASSWORD_FILE" help:"file holding the client password (one trailing newline is ignored)"`
@@ -90,7 +90,6 @@ func defaultConfig() config {
 	return config{
 		ListenAddr:         "127.0.0.1:2525",
 		AllowedNetworks:    formatNetworks(ld.AllowedNetworks),
-		MaxClientConns:     ld.MaxClientConns,
 		AdminAddr:          "127.0.0.1:9025",
 		UpstreamTLS:        pd.TLS,
 		UpstreamAuth:       "auto",

@@ -28,6 +28,9 @@ func readAccess(cfg *config, vars map[string]string) error {
 			return fmt.Errorf("%s: %s", name, why)
 		}
 	}
+	if v := vars["SMTPPOOL_MAX_CLIENT_CONNS"]; strings.TrimSpace(v) != "" && cfg.MaxClientConns == 0 {
+		return fmt.Errorf("SMTPPOOL_MAX_CLIENT_CONNS: 0 is not between 1 and 1000000; leave it unset to derive it from the memory smtppool may use")
+	}
 	if v, ok := vars["SMTPPOOL_ALLOWED_NETWORKS"]; ok && strings.TrimSpace(strings.ReplaceAll(v, ",", "")) == "" {
 		return fmt.Errorf("SMTPPOOL_ALLOWED_NETWORKS: is set but lists no network, so no client could connect; leave it unset for loopback only, or list networks such as 10.0.0.0/8")
 	}
@@ -40,7 +43,7 @@ func (c *config) checkAccess(add func(name, format string, args ...any)) {
 	if netsErr != nil {
 		add("SMTPPOOL_ALLOWED_NETWORKS", "%v", netsErr)
 	}
-	if c.MaxClientConns < 1 || c.MaxClientConns > 1_000_000 {
+	if c.MaxClientConns < 0 || c.MaxClientConns > 1_000_000 { // 0: unset, derived
 		add("SMTPPOOL_MAX_CLIENT_CONNS", "%d is not between 1 and 1000000", c.MaxClientConns)
 	}
 	switch {

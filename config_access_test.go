@@ -135,6 +135,12 @@ func TestListenDefaultsAreThePackagesDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	lc, ld := cfg.listenConfig(nil), proxy.DefaultListenConfig()
+	// The cap is derived at start (see capacity_test.go); without a memory
+	// limit it is the listener's default.
+	if lc.MaxClientConns != 0 || ld.MaxClientConns != unlimitedClientConns {
+		t.Errorf("client cap before it is derived %d, the listener's default %d; want 0 and %d", lc.MaxClientConns, ld.MaxClientConns, unlimitedClientConns)
+	}
+	lc.MaxClientConns = ld.MaxClientConns
 	if !reflect.DeepEqual(lc, ld) {
 		t.Errorf("listen config from the environment's defaults:\n got %+v\nwant %+v", lc, ld)
 	}

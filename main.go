@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -63,6 +64,14 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 		cfg.Hostname = defaultHostname()
 	}
 	logger := newLogger(cfg, stderr)
+	capa, err := systemCapacity(cfg, environ, logger)
+	if err != nil {
+		return err
+	}
+	cfg.MaxClientConns = capa.clientConns
+	if capa.setGoLimit {
+		debug.SetMemoryLimit(capa.usable.bytes)
+	}
 	access, err := cfg.accessConfig(logger)
 	if err != nil {
 		return err
@@ -114,6 +123,10 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	}
 	defer stopAdmin()
 	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "version", version, "config", cfg)
+	logger.Info("client capacity", "capacity", capa)
+	if capa.warning != "" {
+		logger.Warn(capa.warning)
+	}
 	if w := cfg.accessWarning(); w != "" {
 		logger.Warn(w)
 	}

@@ -62,7 +62,7 @@ func TestAllowedNetworksMatchIPv4MappedClients(t *testing.T) {
 	if l.allowed(&net.UnixAddr{Name: "/tmp/s", Net: "unix"}) {
 		t.Error("a non-TCP client is allowed")
 	}
-	if d := (ListenConfig{}).withDefaults(); !d.AllowedNetworks[0].Contains(netip.MustParseAddr("127.0.0.1")) || d.MaxClientConns != 1000 {
+	if d := (ListenConfig{}).withDefaults(); !d.AllowedNetworks[0].Contains(netip.MustParseAddr("127.0.0.1")) || d.MaxClientConns != 10_000 {
 		t.Errorf("defaults %+v", d)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -14,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -172,6 +174,59 @@ func TestMaxClientConns(t *testing.T) {
 	if got := readAll(t, e.addr); !strings.HasPrefix(got, "421 4.7.0 ") {
 		t.Errorf("with 3 open again, a new connection got %q, want 421 4.7.0", got)
 	}
+}
+
+// TestEveryRefusedClientHearsWhy: a flood of clients beyond the cap, all
+// connected at once and none reading or closing yet, each get 421 4.7.0
+// and the end of the connection, not a silent close, however many there
+// are (the code before wrote at most 256 refusals at once and closed the
+// rest without a word), and the refusals leave no goroutine behind.
+func TestEveryRefusedClientHearsWhy(t *testing.T) {
+	const flood = 600
+	e := newEnv(t, options{listen: proxy.ListenConfig{MaxClientConns: 1}})
+	held := rawDial(t, e.addr) // the one client within the cap
+	held.must("EHLO client.test", 250)
+	before := runtime.NumGoroutine()
+	conns := make([]net.Conn, 0, flood)
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+	t.Cleanup(closeAll)
+	for range flood {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	silent, other := 0, map[string]int{}
+	for _, c := range conns {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		switch got := string(b); {
+		case got == "421 4.7.0 Too many connections; try again later\r\n":
+		case got == "":
+			silent++
+		default:
+			other[fmt.Sprintf("%q (%v)", got, err)]++
+		}
+	}
+	if silent > 0 || len(other) > 0 {
+		t.Errorf("of %d clients refused at once, %d were disconnected without a reply, and others got %v; want 421 4.7.0 for each",
+			flood, silent, other)
+	}
+	// The clients have not closed yet, so the refusals still wait for them:
+	// on a bounded number of goroutines.
+	if n := runtime.NumGoroutine() - before; n > 256+20 {
+		t.Errorf("%d more goroutines with %d refused clients still connected, want at most about 256", n, flood)
+	}
+	closeAll()
+	memsmtp.WaitFor(t, "the refusals' goroutines to end once their clients closed", func() bool {
+		return runtime.NumGoroutine() <= before+5
+	})
+	held.must("NOOP", 250)
 }
 
 // TestClientAuthRequired: with client credentials set, MAIL without AUTH

@@ -35,7 +35,7 @@ type Listener struct {
 	mu    sync.Mutex
 	conns map[*clientConn]struct{}
 
-	refusing           atomic.Int32 // refusals being written now
+	refusing           atomic.Int32 // refused connections lingering now
 	denied, overloaded refusalLog
 }
 
@@ -49,7 +49,7 @@ type ListenConfig struct {
 
 	// MaxClientConns is the most client connections open at once; a
 	// client beyond it gets 421 4.7.0 instead of the greeting and is
-	// disconnected. Default 1000.
+	// disconnected. Default 10,000.
 	MaxClientConns int
 
 	// Logger receives the refusals as warnings, at most one line per kind
@@ -63,7 +63,7 @@ type ListenConfig struct {
 func DefaultListenConfig() ListenConfig {
 	return ListenConfig{
 		AllowedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
-		MaxClientConns:  1000,
+		MaxClientConns:  10_000,
 	}
 }
 
@@ -147,21 +147,36 @@ func remoteIP(addr net.Addr) (netip.Addr, bool) {
 	return ip.Unmap(), ok
 }
 
-// maxRefusing bounds the refusals written at once; beyond it, a refused
-// client is disconnected without a reply. refuseTimeout bounds each.
+// A refusal is written at once, on the accepting goroutine: a fresh
+// connection's kernel send buffer takes the one line without blocking, and
+// refuseWriteTimeout guards against anything else. The connection is then
+// half-closed, so that the reply is followed by the end of the stream, and
+// kept open for up to refuseLinger while the client reads the reply and
+// closes its side, on one of at most maxLingering goroutines; beyond those,
+// it is closed at once (the client has its reply either way, unless it
+// sent something the kernel then answers with a reset). Refusals are thus
+// bounded in time and goroutines however many clients come at once.
 const (
-	maxRefusing   = 256
-	refuseTimeout = 2 * time.Second
+	refuseWriteTimeout = 100 * time.Millisecond
+	refuseLinger       = 2 * time.Second
+	maxLingering       = 256
 )
 
-// refuse answers c with reply instead of the greeting and closes it, in
-// the background, so that a client that does not read holds up neither
-// Accept nor, for longer than refuseTimeout, anything else. It then waits
-// for the client to close, reading what it sends, so that the reply is not
-// lost to a reset.
+// refuse answers c with reply instead of the greeting and closes it, so
+// that a flood of clients holds up neither Accept nor anything else. It
+// then waits, bounded, for the client to close, reading what it sends, so
+// that the reply is not lost to a reset.
 func (l *Listener) refuse(c net.Conn, reply string, rl *refusalLog, msg string) {
 	rl.note(l.cfg.Logger, msg, c.RemoteAddr())
-	if l.refusing.Add(1) > maxRefusing {
+	c.SetWriteDeadline(time.Now().Add(refuseWriteTimeout))
+	if _, err := io.WriteString(c, reply); err != nil {
+		c.Close()
+		return
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.CloseWrite()
+	}
+	if l.refusing.Add(1) > maxLingering {
 		l.refusing.Add(-1)
 		c.Close()
 		return
@@ -169,13 +184,7 @@ func (l *Listener) refuse(c net.Conn, reply string, rl *refusalLog, msg string) 
 	go func() {
 		defer l.refusing.Add(-1)
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(refuseTimeout))
-		if _, err := io.WriteString(c, reply); err != nil {
-			return
-		}
-		if tc, ok := c.(*net.TCPConn); ok {
-			tc.CloseWrite()
-		}
+		c.SetReadDeadline(time.Now().Add(refuseLinger))
 		io.Copy(io.Discard, io.LimitReader(c, 4096))
 	}()
 }
