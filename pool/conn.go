@@ -93,7 +93,7 @@ func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) er
 	if errors.As(err, &smtpErr) {
 		s.dirty = false // a refused MAIL starts no transaction: no RSET needed
 	}
-	return c.done(ctx, "MAIL", err, 250)
+	return c.done(ctx, "MAIL", err, 250, from)
 }
 
 // Rcpt adds a recipient with RCPT TO.
@@ -108,7 +108,7 @@ func (c *Conn) Rcpt(ctx context.Context, to string, opts *smtp.RcptOptions) erro
 	}
 	defer s.bind(ctx)()
 	code, _, err := s.client.Cmd(25, line)
-	return c.done(ctx, "RCPT", err, code)
+	return c.done(ctx, "RCPT", err, code, to)
 }
 
 // Recipient is one RCPT TO of an envelope.
@@ -171,7 +171,7 @@ func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions
 		// typically): MAIL's is the one that counts. With every reply
 		// read, no transaction was started: no RSET needed.
 		s.dirty = err != nil
-		return nil, c.done(ctx, "MAIL", replies[0].Err, 0)
+		return nil, c.done(ctx, "MAIL", replies[0].Err, 0, from)
 	}
 	if err != nil {
 		if len(replies) == 0 {
@@ -182,7 +182,7 @@ func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions
 	c.done(ctx, "MAIL", nil, 250)
 	rcptErrs = make([]error, len(rcpts))
 	for i, r := range replies[1:] {
-		rcptErrs[i] = c.done(ctx, "RCPT", r.Err, r.Code)
+		rcptErrs[i] = c.done(ctx, "RCPT", r.Err, r.Code, rcpts[i].Addr)
 	}
 	if s.broken { // a 421 to a recipient: the session is over
 		for _, e := range rcptErrs {
@@ -251,15 +251,17 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 }
 
 // done reports the upstream's reply to a command to Config.OnReply (ok,
-// the code it got, when err is nil) and returns err as fail does.
-func (c *Conn) done(ctx context.Context, stage string, err error, ok int) error {
+// the code it got, when err is nil) and returns err as fail does, wrapped
+// with the limit it signals, if any. echoes are the command's arguments,
+// which a limit is never read from.
+func (c *Conn) done(ctx context.Context, stage string, err error, ok int, echoes ...string) error {
 	var smtpErr *smtp.SMTPError
 	switch {
 	case err == nil:
 		c.pool.cfg.OnReply(stage, ok)
 	case errors.As(err, &smtpErr):
 		c.pool.cfg.OnReply(stage, smtpErr.Code)
-		err = c.pool.signalError(err, c.pool.connected(), true)
+		err = c.pool.signalError(err, c.pool.connected(), stage, echoes...)
 	}
 	return c.res.Value().fail(ctx, stage, err)
 }

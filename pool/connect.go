@@ -34,7 +34,7 @@ func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 			p.cfg.OnReply("set-up", smtpErr.Code)
 		}
 		p.log.Debug("upstream session set-up failed", "upstream", u.addr, "err", err, "duration", time.Since(start).String())
-		return nil, p.signalError(err, p.established()+1, false)
+		return nil, p.signalError(err, p.established()+1, stageSetUp)
 	}
 	s.id = p.stats.connsOpened.Add(1)
 	s.upstream = u

@@ -9,25 +9,42 @@ import (
 )
 
 // Signals are what an upstream's refusal says about its limits, read from
-// the reply's code, enhanced code and well-known text, so that the pool
-// and its users react to the kind of limit rather than just the class.
+// the reply's code and enhanced code first, and from its text only where a
+// provider's documented reply needs it: only with the code that provider
+// uses for it, at the stage where it comes, and never from the part of a
+// reply that echoes what smtppool sent (an address, which the client chose,
+// or anything in angle brackets). So a client cannot make the pool lower
+// its cap or slow down by choosing an address such as
+// <"too many connections"@example.com>, which an upstream quotes in its
+// refusal.
 type signal int
 
 const (
 	signalNone signal = iota
 	// signalTooManyConns: the upstream refuses another concurrent
-	// connection (a 421 banner "too many connections", 421 4.3.2, Exchange
-	// Online's 432 4.3.2 "Concurrent connections limit exceeded", which
-	// comes at DATA, or its older "sender thread limit exceeded").
+	// connection (a 421 "too many connections" or 421 4.3.2 while a
+	// session is set up, as Postfix's and Exchange's banners say;
+	// Exchange Online's 432 4.3.2 at DATA).
 	signalTooManyConns
 	// signalTooFast: the upstream refuses the sending rate (Amazon SES's
-	// 454 "Throttling failure: Maximum sending rate exceeded", Google's
-	// 450 4.2.1, 421 4.7.0 "Try again later").
+	// 454 "Throttling failure: Maximum sending rate exceeded" at DATA,
+	// Google's 450 4.2.1 "Peak SMTP relay limit exceeded", Gmail's 421
+	// 4.7.0 "Try again later" while a session is set up).
 	signalTooFast
 	// signalQuota: the sender's quota for the day is spent (SES's 454
-	// "Daily message quota exceeded", Google's 550 5.4.5, Exchange
-	// Online's 554 5.2.0 with STOREDRV): retrying today does not help.
+	// "Daily message quota exceeded" at DATA, Google's 550 5.4.5,
+	// Exchange Online's 554 5.2.0 STOREDRV): retrying today does not
+	// help.
 	signalQuota
+)
+
+// The stages of a reply, as Config.OnReply names them.
+const (
+	stageSetUp     = "set-up"
+	stageMail      = "MAIL"
+	stageRcpt      = "RCPT"
+	stageData      = "DATA"
+	stageEndOfData = "end of DATA"
 )
 
 // Errors that wrap an upstream reply whose signal the pool recognised.
@@ -48,45 +65,108 @@ var (
 	ErrQuota = errors.New("upstream quota exhausted")
 )
 
-// classifySignal reads the limit, if any, that an upstream reply signals.
-func classifySignal(e *smtp.SMTPError) signal {
-	text := strings.ToLower(e.Message)
-	enh := e.EnhancedCode
-	switch {
-	case strings.Contains(text, "receiving mail at a rate"):
-		// Google's 450 4.2.1 for one busy recipient's mailbox: that
-		// recipient's limit, not the sender's.
-		return signalNone
-	case strings.Contains(text, "daily message quota"), e.Code == 550 && enh == smtp.EnhancedCode{5, 4, 5},
-		e.Code == 554 && enh == smtp.EnhancedCode{5, 2, 0} && strings.Contains(text, "storedrv"):
-		return signalQuota
-	case strings.Contains(text, "too many connections"), strings.Contains(text, "concurrent connections"),
-		strings.Contains(text, "sender thread limit"), (e.Code == 421 || e.Code == 432) && enh == smtp.EnhancedCode{4, 3, 2}:
-		return signalTooManyConns
-	case strings.Contains(text, "maximum sending rate"), e.Code == 450 && enh == smtp.EnhancedCode{4, 2, 1},
-		e.Code == 421 && enh == smtp.EnhancedCode{4, 7, 0} && strings.Contains(text, "try again later"):
-		return signalTooFast
+// Enhanced codes the signals are read from.
+var (
+	enh432 = smtp.EnhancedCode{4, 3, 2} // system not accepting network messages
+	enh470 = smtp.EnhancedCode{4, 7, 0}
+	enh421 = smtp.EnhancedCode{4, 2, 1}
+	enh545 = smtp.EnhancedCode{5, 4, 5}
+	enh520 = smtp.EnhancedCode{5, 2, 0}
+)
+
+// classifySignal reads the limit, if any, that an upstream reply at stage
+// signals. echoes are the arguments of the command it answers (the
+// address of MAIL or RCPT), which the text is read without.
+func classifySignal(stage string, e *smtp.SMTPError, echoes ...string) signal {
+	code, enh := e.Code, e.EnhancedCode
+	text := serverText(e.Message, echoes)
+	switch stage {
+	case stageSetUp:
+		// The greeting, or a reply to the pool's own EHLO, STARTTLS or
+		// AUTH: no client chose any of it.
+		switch {
+		case code == 421 && (enh == enh432 || strings.Contains(text, "too many connections") ||
+			strings.Contains(text, "concurrent connections")):
+			return signalTooManyConns
+		case code == 421 && enh == enh470 && strings.HasPrefix(text, "try again later"):
+			return signalTooFast
+		}
+	case stageRcpt:
+		// A reply to RCPT is about that recipient. Google's peak relay
+		// limit counts recipients, so it may come here; nothing else
+		// does, and no 5xx.
+		if code == 450 && enh == enh421 && strings.HasPrefix(text, "peak smtp relay limit") {
+			return signalTooFast
+		}
+	case stageMail, stageData, stageEndOfData:
+		atData := stage != stageMail
+		switch {
+		case code == 432 && enh == enh432:
+			return signalTooManyConns
+		case code == 450 && enh == enh421 && strings.HasPrefix(text, "peak smtp relay limit"):
+			return signalTooFast
+		case code == 454 && atData && strings.HasPrefix(text, "throttling failure: maximum sending rate exceeded"):
+			return signalTooFast
+		case code == 454 && atData && strings.HasPrefix(text, "throttling failure: daily message quota exceeded"):
+			return signalQuota
+		case code == 550 && enh == enh545:
+			return signalQuota
+		case code == 554 && enh == enh520 && strings.HasPrefix(text, "storedrv"):
+			return signalQuota
+		}
 	}
 	return signalNone
 }
 
+// serverText is a reply's text in lower case, with what may echo the
+// client's input taken out: each echo (as sent, and with its quotes
+// removed, as Postfix quotes an address), then every span in angle
+// brackets. What is left is the server's own words, which a client cannot
+// choose; leading spaces are trimmed.
+func serverText(msg string, echoes []string) string {
+	text := strings.ToLower(msg)
+	for _, e := range echoes {
+		e = strings.ToLower(e)
+		for _, form := range []string{e, strings.ReplaceAll(e, `"`, "")} {
+			if form != "" {
+				text = strings.ReplaceAll(text, form, "")
+			}
+		}
+	}
+	var b strings.Builder
+	for {
+		before, after, found := strings.Cut(text, "<")
+		b.WriteString(before)
+		if !found {
+			break
+		}
+		_, rest, closed := strings.Cut(after, ">")
+		if !closed {
+			break // an unclosed bracket: drop the rest
+		}
+		text = rest
+	}
+	return strings.TrimLeft(b.String(), " ")
+}
+
 // signalError wraps err with the sentinel of its signal, if it carries an
-// upstream reply that signals a limit, and lets the pool react: lower the
-// cap (given the sessions open when the reply came, the refused one
-// included) or slow down. inSession says the reply came on a session set
-// up before, not while setting one up.
-func (p *Pool) signalError(err error, open int32, inSession bool) error {
+// upstream reply at stage that signals a limit, and lets the pool react:
+// lower the cap (given the sessions open when the reply came, the refused
+// one included) or slow down. echoes are the arguments of the command the
+// reply answers, as classifySignal takes them.
+func (p *Pool) signalError(err error, open int32, stage string, echoes ...string) error {
 	var smtpErr *smtp.SMTPError
 	if err == nil || !errors.As(err, &smtpErr) {
 		return err
 	}
-	switch classifySignal(smtpErr) {
+	switch classifySignal(stage, smtpErr, echoes...) {
 	case signalTooManyConns:
 		// A session refused while sessions over a cap lowered before
 		// remain (open > the cap) is one of them: it closes, and its
 		// retry waits for a place within the cap. (Not so at set-up,
 		// where a retry would dial again at once while a closing
 		// session still counts.)
+		inSession := stage != stageSetUp
 		if p.lowerCap(open-1, smtpErr) || inSession && open > p.gate.current() {
 			return fmt.Errorf("%w (%w): %w", ErrConnLimit, ErrCapLowered, err)
 		}

@@ -3,6 +3,8 @@ package pool_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -39,44 +41,128 @@ func TestConnLimitLowersTheCapAndItRecovers(t *testing.T) {
 	memsmtp.WaitFor(t, "the cap to recover to MaxConns", func() bool { return p.Stat().EffectiveMaxConns == 5 })
 }
 
-// TestSignalsAreReadFromTheReply: the limits upstreams signal, by code,
-// enhanced code and text.
+// TestSignalsAreReadFromTheReply maps an upstream reply, at the stage
+// where it comes, to the limit the pool reads from it: by code and
+// enhanced code, and by text only for a provider's documented reply, with
+// its code, at its stage, and never from what echoes the client's input
+// (issue 16, item 4: Postfix's "550 5.1.1 <too many connections@...>:
+// Recipient address rejected" lowered the cap to 1). Where a reply
+// signals no connection limit, the effective cap stays at MaxConns.
 func TestSignalsAreReadFromTheReply(t *testing.T) {
+	type replyFor = func(arg string) *smtp.SMTPError
+	fixed := func(code int, enh smtp.EnhancedCode, msg string) replyFor {
+		return func(string) *smtp.SMTPError { return &smtp.SMTPError{Code: code, EnhancedCode: enh, Message: msg} }
+	}
+	// echo quotes the command's argument where the format has %s, as
+	// servers quote the address they refuse (Postfix in angle brackets,
+	// without the local part's quotes; Exchange without brackets).
+	echo := func(code int, enh smtp.EnhancedCode, format string, unquote bool) replyFor {
+		return func(arg string) *smtp.SMTPError {
+			if unquote {
+				arg = strings.ReplaceAll(arg, `"`, "")
+			}
+			return &smtp.SMTPError{Code: code, EnhancedCode: enh, Message: fmt.Sprintf(format, arg)}
+		}
+	}
+	none := smtp.NoEnhancedCode
 	tests := []struct {
 		name  string
-		reply *smtp.SMTPError
+		at    memsmtp.Command // where the upstream gives the reply
+		addr  string          // the address of MAIL or RCPT
+		reply replyFor
 		want  error // nil: no signal
 	}{
-		{"Postfix banner", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "mx Error: too many connections from 10.0.0.1"}, pool.ErrConnLimit},
-		{"Exchange on-premises", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "The maximum number of concurrent connections has exceeded a limit, closing transmission channel"}, pool.ErrConnLimit},
-		{"Exchange Online at DATA", &smtp.SMTPError{Code: 432, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information."}, pool.ErrConnLimit},
-		{"Exchange Online, older text", &smtp.SMTPError{Code: 432, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "STOREDRV.ClientSubmit; sender thread limit exceeded"}, pool.ErrConnLimit},
-		{"SES rate", &smtp.SMTPError{Code: 454, EnhancedCode: smtp.NoEnhancedCode, Message: "Throttling failure: Maximum sending rate exceeded."}, pool.ErrTooFast},
-		{"Google peak", &smtp.SMTPError{Code: 450, EnhancedCode: smtp.EnhancedCode{4, 2, 1}, Message: "Peak SMTP relay limit exceeded for customer."}, pool.ErrTooFast},
-		{"Google, one busy recipient", &smtp.SMTPError{Code: 450, EnhancedCode: smtp.EnhancedCode{4, 2, 1}, Message: "The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered."}, nil},
-		{"try again later", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Try again later, closing connection."}, pool.ErrTooFast},
-		{"SES quota", &smtp.SMTPError{Code: 454, EnhancedCode: smtp.NoEnhancedCode, Message: "Throttling failure: Daily message quota exceeded."}, pool.ErrQuota},
-		{"Google daily", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 4, 5}, Message: "Daily SMTP relay limit exceeded for user."}, pool.ErrQuota},
-		{"Exchange Online quota", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 2, 0}, Message: "STOREDRV.Submission.Exception:SubmissionQuotaExceededException"}, pool.ErrQuota},
-		{"ordinary 451", &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Queue file write error"}, nil},
-		{"ordinary 550", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user"}, nil},
+		// The providers' documented replies, at their stages.
+		{"Postfix banner", memsmtp.Banner, "", fixed(421, smtp.EnhancedCode{4, 7, 0}, "mx Error: too many connections from 10.0.0.1"), pool.ErrConnLimit},
+		{"Exchange on-premises banner", memsmtp.Banner, "", fixed(421, smtp.EnhancedCode{4, 3, 2}, "The maximum number of concurrent connections has exceeded a limit, closing transmission channel"), pool.ErrConnLimit},
+		{"Gmail banner, try again later", memsmtp.Banner, "", fixed(421, smtp.EnhancedCode{4, 7, 0}, "Try again later, closing connection. (EHLO)"), pool.ErrTooFast},
+		{"Exchange Online at DATA", memsmtp.Data, "", fixed(432, smtp.EnhancedCode{4, 3, 2}, "Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information."), pool.ErrConnLimit},
+		{"Exchange Online at MAIL, older text", memsmtp.Mail, "a@example.com", fixed(432, smtp.EnhancedCode{4, 3, 2}, "STOREDRV.ClientSubmit; sender thread limit exceeded"), pool.ErrConnLimit},
+		{"SES rate at DATA", memsmtp.Data, "", fixed(454, none, "Throttling failure: Maximum sending rate exceeded."), pool.ErrTooFast},
+		{"SES quota at DATA", memsmtp.Data, "", fixed(454, none, "Throttling failure: Daily message quota exceeded."), pool.ErrQuota},
+		{"Google peak at MAIL", memsmtp.Mail, "a@example.com", fixed(450, smtp.EnhancedCode{4, 2, 1}, "Peak SMTP relay limit exceeded for customer."), pool.ErrTooFast},
+		{"Google peak at RCPT", memsmtp.Rcpt, "b@example.com", fixed(450, smtp.EnhancedCode{4, 2, 1}, "Peak SMTP relay limit exceeded for customer."), pool.ErrTooFast},
+		{"Google daily at MAIL", memsmtp.Mail, "a@example.com", fixed(550, smtp.EnhancedCode{5, 4, 5}, "Daily SMTP relay limit exceeded for user."), pool.ErrQuota},
+		{"Exchange Online quota at DATA", memsmtp.Data, "", fixed(554, smtp.EnhancedCode{5, 2, 0}, "STOREDRV.Submission.Exception:SubmissionQuotaExceededException"), pool.ErrQuota},
+
+		// Ordinary replies.
+		{"Google, one busy recipient", memsmtp.Rcpt, "b@example.com", fixed(450, smtp.EnhancedCode{4, 2, 1}, "The user you are trying to contact is receiving mail at a rate that prevents additional messages from being delivered."), nil},
+		{"ordinary 451 at MAIL", memsmtp.Mail, "a@example.com", fixed(451, smtp.EnhancedCode{4, 3, 0}, "Queue file write error"), nil},
+		{"ordinary 550 at RCPT", memsmtp.Rcpt, "b@example.com", fixed(550, smtp.EnhancedCode{5, 1, 1}, "No such user"), nil},
+
+		// Echoed client input, and the right words at the wrong code or
+		// stage.
+		{"Postfix echoes a quoted local part at RCPT", memsmtp.Rcpt, `"too many connections"@test.example`,
+			echo(550, smtp.EnhancedCode{5, 1, 1}, "<%s>: Recipient address rejected: User unknown in local recipient table", true), nil},
+		{"a 4xx echo at RCPT", memsmtp.Rcpt, `"concurrent connections"@test.example`,
+			echo(450, smtp.EnhancedCode{4, 3, 2}, "<%s>: Recipient address rejected: try again", true), nil},
+		{"an echo at MAIL", memsmtp.Mail, `"Throttling failure: Maximum sending rate exceeded"@test.example`,
+			echo(454, none, "<%s>: Sender address rejected", true), nil},
+		{"an echo of the quota at MAIL", memsmtp.Mail, `"Throttling failure: Daily message quota exceeded"@test.example`,
+			echo(454, smtp.EnhancedCode{4, 7, 1}, "%s: try again later", false), nil},
+		{"Google's peak words echoed without brackets at RCPT", memsmtp.Rcpt, `"Peak SMTP relay limit exceeded"@test.example`,
+			echo(450, smtp.EnhancedCode{4, 2, 1}, "%s: mailbox busy", true), nil},
+		{"a closing bracket in the address", memsmtp.Rcpt, `"a>peak smtp relay limit exceeded"@test.example`,
+			echo(450, smtp.EnhancedCode{4, 2, 1}, "<%s>: deferred", true), nil},
+		{"a 5xx to RCPT with the connection-limit code", memsmtp.Rcpt, "b@example.com", fixed(532, smtp.EnhancedCode{4, 3, 2}, "too many connections"), nil},
+		{"432 4.3.2 to RCPT", memsmtp.Rcpt, "b@example.com", fixed(432, smtp.EnhancedCode{4, 3, 2}, "Concurrent connections limit exceeded"), nil},
+		{"421 too many connections at MAIL", memsmtp.Mail, "a@example.com", fixed(421, smtp.EnhancedCode{4, 7, 0}, "too many connections"), nil},
+		{"SES's rate at MAIL", memsmtp.Mail, "a@example.com", fixed(454, none, "Throttling failure: Maximum sending rate exceeded."), nil},
+		{"a quota at RCPT", memsmtp.Rcpt, "b@example.com", fixed(454, none, "Throttling failure: Daily message quota exceeded."), nil},
+		{"the rate words after other text at DATA", memsmtp.Data, "", fixed(451, smtp.EnhancedCode{4, 7, 1}, "Subject maximum sending rate exceeded: content deferred"), nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			const maxConns = 3
 			up := startUpstream(t, memsmtp.Options{})
-			up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: tt.reply})
-			p := newPool(t, up, pool.Config{})
-			c := acquire(t, p)
-			defer c.Release()
-			err := c.Mail(context.Background(), "sender@example.com", nil)
+			up.Inject(tt.at, memsmtp.Fault{ReplyFor: tt.reply})
+			p := newPool(t, up, pool.Config{MaxConns: maxConns})
+			from, to := "sender@example.com", "rcpt@example.com"
+			switch tt.at {
+			case memsmtp.Mail:
+				from = tt.addr
+			case memsmtp.Rcpt:
+				to = tt.addr
+			}
+			err := func() error {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				// A second session, so that a lowered cap shows.
+				other, err := p.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer other.Release()
+				c, err := p.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				rcptErrs, err := c.Envelope(ctx, from, nil, []pool.Recipient{{Addr: to}})
+				if err != nil {
+					return err
+				}
+				if rcptErrs[0] != nil {
+					return rcptErrs[0]
+				}
+				_, err = c.Data(ctx, strings.NewReader("Subject: test\r\n\r\nbody\r\n"))
+				return err
+			}()
 			for _, sentinel := range []error{pool.ErrConnLimit, pool.ErrTooFast, pool.ErrQuota} {
 				if got := errors.Is(err, sentinel); got != (sentinel == tt.want) {
-					t.Errorf("Mail: %v; errors.Is(%v) = %v", err, sentinel, got)
+					t.Errorf("%v; errors.Is(%v) = %v", err, sentinel, got)
 				}
 			}
 			var smtpErr *smtp.SMTPError
-			if !errors.As(err, &smtpErr) || smtpErr.Code != tt.reply.Code {
-				t.Errorf("Mail: %v, want the upstream's %d still inside", err, tt.reply.Code)
+			if !errors.As(err, &smtpErr) || smtpErr.Code != tt.reply(tt.addr).Code {
+				t.Errorf("%v, want the upstream's %d still inside", err, tt.reply(tt.addr).Code)
+			}
+			wantCap := int32(maxConns)
+			if tt.want == pool.ErrConnLimit {
+				wantCap = 1 // the sessions open, the refused one excluded
+			}
+			if got := p.Stat().EffectiveMaxConns; got != wantCap {
+				t.Errorf("effective cap %d, want %d", got, wantCap)
 			}
 		})
 	}

@@ -8,6 +8,12 @@ package proxy_test
 //   - every message a client was told 250 for reached the upstream at least
 //     once (by Message-ID);
 //   - no message a client saw fail with a 5xx reached the upstream;
+//   - no message reached the upstream more than twice: a message sent in
+//     full whose reply was lost is sent at most once more;
+//   - nothing a client sent changed the pool's state: unless the test
+//     injected an upstream reply that signals a limit (rig.limits), the
+//     effective cap is still MaxConns and no retry counted as a connection
+//     limit or a refused sending rate;
 //   - no upstream session is left lent out, the pool never had more than
 //     MaxConns connections open or being dialled, and every connection it
 //     dialled was closed once the pool was;
@@ -23,6 +29,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -49,6 +56,10 @@ type rig struct {
 	dialer  *faultDialer
 	ledger  *ledger
 	retries *retryCounter
+	// limits says the test injects upstream replies that signal a limit
+	// (a connection limit, a refused rate), which may change the pool's
+	// state.
+	limits bool
 }
 
 // retryCounter is the proxy's Observer: it counts the transient failures
@@ -164,8 +175,19 @@ func (r *rig) verify(t *testing.T) {
 			refused++
 		}
 	}
-	for _, n := range copies {
+	for id, n := range copies {
 		dups += max(n-1, 0)
+		if n > 2 {
+			t.Errorf("%s reached the upstream %d times; a message is sent at most once more after its reply was lost", id, n)
+		}
+	}
+	if !r.limits {
+		if st := r.pool.Stat(); st.EffectiveMaxConns != st.MaxConns {
+			t.Errorf("effective cap %d, want MaxConns %d: no upstream reply signalled a connection limit", st.EffectiveMaxConns, st.MaxConns)
+		}
+		if n, m := r.retries.count("conn_limit"), r.retries.count("too_fast"); n+m > 0 {
+			t.Errorf("%d retries for a connection limit and %d for a refused rate, but no upstream reply signalled one", n, m)
+		}
 	}
 	// A second copy comes only from the ambiguous case: the connection
 	// lost after the final dot, before the reply, and the message sent
@@ -374,17 +396,18 @@ func TestUpstreamFaults(t *testing.T) {
 		// one is due: "no_reply" only where the whole message left and
 		// its reply was lost, the ambiguous case.
 		wantRetry string
+		limits    bool // the fault signals a limit (see rig.limits)
 	}{
 		{name: "connect refused", wantCode: 250, wantConns: 1, wantCopies: 1, wantRetry: "connect",
 			inject: func(r *rig) { r.dialer.queue(dialFault{refuse: true}, dialFault{refuse: true}) }},
-		{name: "421 banner", wantCode: 250, wantConns: 3, wantCopies: 1, wantRetry: "conn_limit",
+		{name: "421 banner", wantCode: 250, wantConns: 3, wantCopies: 1, wantRetry: "conn_limit", limits: true,
 			inject: func(r *rig) {
 				r.up.Inject(memsmtp.Banner, memsmtp.Repeat(memsmtp.Fault{Reply: reply(421, [3]int{4, 3, 2},
 					"The maximum number of concurrent connections has exceeded a limit, closing transmission channel")}, 2)...)
 			}},
 		{name: "EHLO 451", wantCode: 250, wantConns: 2, wantCopies: 1, wantRetry: "reply_4xx",
 			inject: func(r *rig) { r.dialer.queue(dialFault{ehlo: "451 4.3.0 Try again later"}) }},
-		{name: "EHLO 421", wantCode: 250, wantConns: 2, wantCopies: 1, wantRetry: "conn_limit",
+		{name: "EHLO 421", wantCode: 250, wantConns: 2, wantCopies: 1, wantRetry: "conn_limit", limits: true,
 			inject: func(r *rig) { r.dialer.queue(dialFault{ehlo: "421 4.3.2 Service not available"}) }},
 		{name: "AUTH 454", wantCode: 250, wantConns: 2, wantCopies: 1, wantRetry: "reply_4xx",
 			inject: func(r *rig) {
@@ -427,6 +450,7 @@ func TestUpstreamFaults(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := newRig(t, options{pool: tt.pool}, false)
+			r.limits = tt.limits
 			tt.inject(r)
 			id := strings.ReplaceAll(tt.name, " ", "-")
 			err := r.sendOne(t, id, tt.size)
@@ -980,5 +1004,69 @@ func TestEachCommandHasItsOwnRetryWindow(t *testing.T) {
 	}
 	if n := r.up.Stats().Messages; n != 1 {
 		t.Errorf("upstream kept %d messages, want 1", n)
+	}
+}
+
+// TestClientTextDoesNotChangePoolState: clients choose addresses and
+// subjects made of the words of the upstreams' limit replies, and the
+// upstream quotes them in its refusals, as Postfix quotes an address
+// (issue 16, item 4). Each refusal keeps its ordinary meaning: a 5xx to a
+// recipient reaches the client, a 4xx is retried and the message
+// delivered. The rig checks that the pool's cap stayed at MaxConns and no
+// retry counted as a connection limit or a refused rate; before the fix
+// the first refusal lowered the cap, and a quoted "Daily message quota
+// exceeded" in a 454 reached the client without a retry.
+func TestClientTextDoesNotChangePoolState(t *testing.T) {
+	// quoteArg answers as Postfix does: the address in angle brackets,
+	// without the local part's quotes.
+	quoteArg := func(code int, enh [3]int, text string) func(string) *smtp.SMTPError {
+		return func(arg string) *smtp.SMTPError {
+			return reply(code, enh, "<"+strings.ReplaceAll(arg, `"`, "")+">: "+text)
+		}
+	}
+	// quoteSubject answers with the message's subject at the start, with
+	// no brackets at all.
+	quoteSubject := func(code int, enh [3]int, text string) func(string) *smtp.SMTPError {
+		return func(msg string) *smtp.SMTPError {
+			_, subject, _ := strings.Cut(msg, "Subject: ")
+			subject, _, _ = strings.Cut(subject, "\r\n")
+			return reply(code, enh, "Subject "+subject+": "+text)
+		}
+	}
+	tests := []struct {
+		name     string
+		at       memsmtp.Command
+		from, to string
+		subject  string
+		reply    func(string) *smtp.SMTPError
+		want     int // the client's last reply
+	}{
+		{name: "550 to a recipient named after the connection limit", at: memsmtp.Rcpt, to: `"too many connections"@test.example`,
+			reply: quoteArg(550, [3]int{5, 1, 1}, "Recipient address rejected: User unknown"), want: 550},
+		{name: "432 words in a 450 to a recipient", at: memsmtp.Rcpt, to: `"Concurrent connections limit exceeded"@test.example`,
+			reply: quoteArg(450, [3]int{4, 3, 2}, "Recipient address rejected: try again"), want: 250},
+		{name: "Google's peak words in a 450 4.2.1 to a recipient", at: memsmtp.Rcpt, to: `"Peak SMTP relay limit exceeded"@test.example`,
+			reply: quoteArg(450, [3]int{4, 2, 1}, "Recipient address rejected: mailbox busy"), want: 250},
+		{name: "SES's rate words in a 454 to MAIL", at: memsmtp.Mail, from: `"Throttling failure: Maximum sending rate exceeded"@test.example`,
+			reply: quoteArg(454, [3]int{4, 7, 1}, "Sender address rejected: try again"), want: 250},
+		{name: "SES's quota words in a 454 to the message", at: memsmtp.Data, subject: "Throttling failure: Daily message quota exceeded",
+			reply: quoteSubject(454, [3]int{4, 7, 1}, "content deferred"), want: 250},
+		{name: "SES's rate words in a 451 to the message", at: memsmtp.Data, subject: "Maximum sending rate exceeded",
+			reply: quoteSubject(451, [3]int{4, 7, 1}, "content deferred"), want: 250},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newRig(t, options{pool: pool.Config{MaxConns: 3}}, false)
+			r.up.Inject(tt.at, memsmtp.Fault{ReplyFor: tt.reply})
+			from, to := cmp.Or(tt.from, "app@example.com"), cmp.Or(tt.to, "user@example.com")
+			id := strings.NewReplacer(" ", "-", "'", "").Replace(tt.name)
+			msg := strings.Replace(message(id), "Subject: test "+id, "Subject: "+cmp.Or(tt.subject, "test"), 1)
+			c := r.dial(t)
+			err := send(c, from, []string{to}, msg)
+			r.ledger.record(id, err)
+			if got := codeOf(err); got != tt.want {
+				t.Errorf("client got %d (%v), want %d", got, err, tt.want)
+			}
+		})
 	}
 }

@@ -42,6 +42,11 @@ type Fault struct {
 	Delay time.Duration
 	// Reply answers with this error instead of accepting.
 	Reply *smtp.SMTPError
+	// ReplyFor, if set, answers with the error it returns for the
+	// command's argument (the address at Mail and Rcpt, the user name at
+	// Auth, the message at Data), as a server that quotes what it was
+	// sent in its refusal; nil goes on as without it.
+	ReplyFor func(arg string) *smtp.SMTPError
 	// Drop closes the connection instead of answering. At Data the message
 	// is cut off halfway, unless Deliver is set.
 	Drop bool
@@ -334,6 +339,9 @@ func (l *listener) Accept() (net.Conn, error) {
 			}
 		}
 		f := s.nextFault(Banner)
+		if f != nil && f.ReplyFor != nil {
+			f.Reply, f.ReplyFor = f.ReplyFor(""), nil
+		}
 		if f != nil && f.Reply == nil && !f.Drop {
 			conn.greetDelay = f.Delay // a slow greeting, without blocking Accept
 			f = nil
@@ -426,8 +434,9 @@ type session struct {
 	msg    Message
 }
 
-// apply runs a fault and returns the error to answer with, or nil to go on.
-func (ss *session) apply(f *Fault) error {
+// apply runs a fault on a command with argument arg and returns the error
+// to answer with, or nil to go on.
+func (ss *session) apply(f *Fault, arg string) error {
 	if f == nil {
 		return nil
 	}
@@ -435,6 +444,11 @@ func (ss *session) apply(f *Fault) error {
 	if f.Drop {
 		ss.c.Conn().Close()
 		return errDropped
+	}
+	if f.ReplyFor != nil {
+		if r := f.ReplyFor(arg); r != nil {
+			return r
+		}
 	}
 	if f.Reply != nil {
 		return f.Reply
@@ -454,7 +468,7 @@ func (ss *session) AuthMechanisms() []string {
 
 func (ss *session) Auth(mech string) (sasl.Server, error) {
 	check := func(username, password string) error {
-		if err := ss.apply(ss.s.nextFault(Auth)); err != nil {
+		if err := ss.apply(ss.s.nextFault(Auth), username); err != nil {
 			return err
 		}
 		if username != ss.s.opts.Username || password != ss.s.opts.Password {
@@ -479,7 +493,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	if ss.s.opts.Username != "" && !ss.authed {
 		return smtp.ErrAuthRequired
 	}
-	if err := ss.apply(ss.s.nextFault(Mail)); err != nil {
+	if err := ss.apply(ss.s.nextFault(Mail), from); err != nil {
 		return err
 	}
 	ss.msg = Message{From: from, Conn: ss.conn}
@@ -490,7 +504,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 }
 
 func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
-	if err := ss.apply(ss.s.nextFault(Rcpt)); err != nil {
+	if err := ss.apply(ss.s.nextFault(Rcpt), to); err != nil {
 		return err
 	}
 	ss.msg.To = append(ss.msg.To, to)
@@ -543,11 +557,14 @@ func (ss *session) Data(r io.Reader) error {
 		return nil
 	}
 	ss.s.pause(f.Delay)
+	if f.ReplyFor != nil {
+		f.Reply, f.ReplyFor = f.ReplyFor(string(data)), nil
+	}
 	if f.Deliver || (f.Reply == nil && !f.Drop) {
 		ss.s.deliver(m)
 	}
 	f.Delay = 0
-	return ss.apply(f)
+	return ss.apply(f, "")
 }
 
 func (ss *session) Reset() { ss.msg = Message{} }

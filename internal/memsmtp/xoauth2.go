@@ -55,7 +55,7 @@ func (x *xoauth2Server) Next(response []byte) ([]byte, bool, error) {
 	if !ok {
 		return nil, true, &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "Malformed XOAUTH2 response"}
 	}
-	if err := x.ss.apply(x.ss.s.nextFault(Auth)); err != nil {
+	if err := x.ss.apply(x.ss.s.nextFault(Auth), ""); err != nil {
 		return nil, true, err
 	}
 	err := opts.XOAUTH2.Check(user, token)
