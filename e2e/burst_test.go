@@ -88,3 +88,66 @@ func TestBurst(t *testing.T) {
 		t.Errorf("via proxy: the sampler never saw an upstream connection in %d samples, so it proves nothing", samples)
 	}
 }
+
+// TestBurstOfFiveThousand is the issue's burst at scale: 5,000 emails sent
+// the way Mattermost sends them, one connection each, all connected at
+// once (each client holds after its greeting until every one has one),
+// through smtppool with its defaults but SMTPPOOL_MAX_CONNS=10, into
+// Postfix. A waiting client costs memory, not upstream capacity, so the
+// derived client cap holds them all: every client gets 250 (with the old
+// default cap of 1,000, 4,000 were refused, 3,470 of them without a
+// reply), each message is delivered exactly once, and the upstream never
+// sees more than 10 connections.
+func TestBurstOfFiveThousand(t *testing.T) {
+	const (
+		clients  = 5000
+		maxConns = 10
+	)
+	pf := startPostfix(t, peers.PostfixOptions{})
+	// Info, not debug: 5,000 transactions' debug lines would only slow the
+	// run down.
+	proxy := startProxy(t, pf.Addr, map[string]string{"SMTPPOOL_MAX_CONNS": strconv.Itoa(maxConns), "SMTPPOOL_LOG_LEVEL": "info"})
+	if line := peers.Tail(grepLines(proxy.Log(), `msg="client capacity"`), 1); line != "" {
+		t.Logf("smtppool: %s", line)
+	}
+	sampler := peers.SampleConns(t, pf.Port)
+	msgs := peers.NewMessages("burst5000", clients)
+	start := time.Now()
+	results := peers.SendBurst(proxy.Addr, msgs, peers.BurstOptions{SyncGreeting: true, Timeout: 4 * time.Minute})
+	elapsed := time.Since(start)
+	accepted := count(results, peers.Result.Accepted)
+	t.Logf("%d/%d clients got 250 in %v; replies: %s", accepted, clients, elapsed.Round(time.Millisecond), tally(results))
+	if accepted != clients {
+		t.Errorf("only %d/%d clients got 250; replies: %s; examples:\n%s", accepted, clients, tally(results),
+			examples(results, 5, func(r peers.Result) bool { return !r.Accepted() }))
+	}
+
+	box := waitDelivered(t, pf, acknowledged(results), 3*time.Minute)
+	once, missing, duplicated := peers.Copies(box, msgs)
+	maxSeen, samples, err := sampler.Stop()
+	if err != nil {
+		t.Errorf("sampling upstream connections: %v", err)
+	}
+	t.Logf("%d/%d delivered exactly once, %d missing, %d duplicated; max upstream conns %d (cap %d) over %d samples",
+		once, clients, missing, duplicated, maxSeen, maxConns, samples)
+	if once != clients {
+		t.Errorf("%d/%d messages in the mailbox exactly once; %d missing, %d duplicated", once, clients, missing, duplicated)
+	}
+	if maxSeen > maxConns {
+		t.Errorf("sampled %d upstream connections at once, above SMTPPOOL_MAX_CONNS=%d", maxSeen, maxConns)
+	}
+	if maxSeen == 0 {
+		t.Errorf("the sampler never saw an upstream connection in %d samples, so it proves nothing", samples)
+	}
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, line := range strings.Split(s, "\n") {
+		if strings.Contains(line, sub) {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
+}
