@@ -2,14 +2,16 @@
 #
 # smtppool container image: a static binary on distroless, run as non-root.
 #
-#   docker build --build-arg VERSION="$(git describe --tags --always --dirty)" -t smtppool .
+#   make image     (docker buildx build --build-arg VERSION=$(git describe ...))
 #
 # The build flags live in build.sh, which build_test.go also runs (CI has
 # no Docker engine), so the binary tested there is the binary shipped here.
 
 # Build stage. The golang:1.26 tag is the newest Go 1.26 patch release,
-# which satisfies go.mod's "go 1.26.8".
-FROM golang:1.26 AS build
+# which satisfies go.mod's "go 1.26.8". It runs on the builder's own
+# platform and cross-compiles for the target's (docker buildx build
+# --platform linux/amd64,linux/arm64), so no stage runs under emulation.
+FROM --platform=$BUILDPLATFORM golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN --mount=type=cache,target=/go/pkg/mod \
@@ -18,9 +20,11 @@ COPY . .
 # The version to stamp. Empty: build.sh asks git, and without the .git
 # directory (see .dockerignore) it stamps "dev".
 ARG VERSION=
+# Set by BuildKit from --platform (the builder's own without it).
+ARG TARGETOS TARGETARCH
 RUN --mount=type=cache,target=/go/pkg/mod \
     --mount=type=cache,target=/root/.cache/go-build \
-    VERSION="$VERSION" sh ./build.sh /out/smtppool
+    GOOS="$TARGETOS" GOARCH="$TARGETARCH" VERSION="$VERSION" sh ./build.sh /out/smtppool
 
 # Final stage: distroless static has CA certificates (for TLS to the
 # upstream), time zone data and /etc/passwd, and no shell or libc.

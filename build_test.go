@@ -125,8 +125,10 @@ func TestDockerfile(t *testing.T) {
 	if len(froms) < 2 {
 		t.Fatalf("want a multi-stage build, got FROM lines %q", froms)
 	}
-	if !regexp.MustCompile(`^FROM golang:1\.26\b`).MatchString(froms[0]) {
-		t.Errorf("build stage %q: want golang:1.26, matching go.mod", froms[0])
+	// The build stage runs on the builder's platform and cross-compiles
+	// (GOOS and GOARCH from BuildKit's TARGETOS and TARGETARCH).
+	if !regexp.MustCompile(`^FROM --platform=\$BUILDPLATFORM golang:1\.26\b`).MatchString(froms[0]) {
+		t.Errorf("build stage %q: want golang:1.26 on $BUILDPLATFORM, matching go.mod", froms[0])
 	}
 	if want := "FROM gcr.io/distroless/static-debian12:nonroot"; froms[len(froms)-1] != want {
 		t.Errorf("final stage %q, want %q", froms[len(froms)-1], want)
@@ -148,6 +150,11 @@ func TestDockerfile(t *testing.T) {
 	}
 	if !runsBuildScript {
 		t.Error("the build stage does not run ./build.sh")
+	}
+	for _, want := range []string{`GOOS="$TARGETOS"`, `GOARCH="$TARGETARCH"`} {
+		if !strings.Contains(strings.Join(lines[:finalStage], "\n"), want) {
+			t.Errorf("the build stage does not set %s: a multi-platform build would ship the builder's architecture", want)
+		}
 	}
 
 	final := lines[finalStage:]
