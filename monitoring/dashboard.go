@@ -1,7 +1,6 @@
 package monitoring
 
 import (
-	"encoding/json"
 	"fmt"
 	"strings"
 
@@ -145,10 +144,10 @@ func Dashboard() (dashboard.Dashboard, error) {
 		Mappings([]dashboard.ValueMapping{upMapping}).
 		Thresholds(thresholds(false)).
 		ColorMode(common.BigValueColorModeBackground))
-	b.WithPanel(statPanel("Upstream sessions / cap in force", "Upstream sessions open (all states), and the cap in force, summed across instances. The cap in force drops below SMTPPOOL_MAX_CONNS when the upstream refuses a session over its limit.").
+	b.WithPanel(statPanel("Upstream sessions / cap in force", "Upstream sessions open (all states), the cap in force (cap) and SMTPPOOL_MAX_CONNS (max), summed across instances. The cap in force drops below SMTPPOOL_MAX_CONNS when the upstream refuses a session over its limit.").
 		WithTarget(query("A", `sum(smtppool_upstream_connections{sel})`, "open")).
-		WithTarget(query("B", `sum(smtppool_upstream_effective_max_connections{sel})`, "cap in force")).
-		WithTarget(query("C", `sum(smtppool_upstream_max_connections{sel})`, "SMTPPOOL_MAX_CONNS")).
+		WithTarget(query("B", `sum(smtppool_upstream_effective_max_connections{sel})`, "cap")).
+		WithTarget(query("C", `sum(smtppool_upstream_max_connections{sel})`, "max")).
 		ColorMode(common.BigValueColorModeNone))
 	b.WithPanel(statPanel("Waiting transactions", "Transactions waiting now for an upstream session: the backpressure queue. Each is a client connection held open at its command.").
 		WithTarget(query("A", `sum(smtppool_transactions_waiting{sel})`, "waiting")).
@@ -200,18 +199,4 @@ func Dashboard() (dashboard.Dashboard, error) {
 		WithTarget(query("C", `sum by (reason) (rate(smtppool_upstream_connections_closed_total{sel}[$__rate_interval]))`, "closed: {{reason}}")))
 
 	return b.Build()
-}
-
-// DashboardJSON is the dashboard as Grafana imports it, indented, with a
-// final newline.
-func DashboardJSON() ([]byte, error) {
-	d, err := Dashboard()
-	if err != nil {
-		return nil, fmt.Errorf("build the dashboard: %w", err)
-	}
-	out, err := json.MarshalIndent(d, "", "  ")
-	if err != nil {
-		return nil, fmt.Errorf("marshal the dashboard: %w", err)
-	}
-	return append(out, '\n'), nil
 }

@@ -12,23 +12,15 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// TestCommittedFilesAreGenerated: the dashboard's JSON and the
-// PrometheusRule are what `make generate` writes from dashboard.go and the
-// plain rule file, so neither can drift from its source.
+// TestCommittedFilesAreGenerated: the dashboard's JSON, its layout
+// picture and the PrometheusRule are what `make generate` writes from
+// dashboard.go and the plain rule file, so none can drift from its source.
 func TestCommittedFilesAreGenerated(t *testing.T) {
-	dash, err := DashboardJSON()
+	files, err := Generated()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rules, err := os.ReadFile(RulesFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rule, err := PrometheusRule(rules)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for path, want := range map[string][]byte{DashboardFile: dash, PrometheusRuleFile: rule} {
+	for path, want := range files {
 		got, err := os.ReadFile(path)
 		if err != nil {
 			t.Fatal(err)

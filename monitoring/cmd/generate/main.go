@@ -1,6 +1,7 @@
 // Command generate writes the files that monitoring/ derives from its
-// sources: the Grafana dashboard's JSON, from dashboard.go, and the
-// PrometheusRule in k8s/monitoring/, from the plain rule file. Run it in
+// sources: the Grafana dashboard's JSON and a picture of its layout, from
+// dashboard.go, and the PrometheusRule in k8s/monitoring/, from the plain
+// rule file. Run it in
 // the monitoring directory (make generate does); the tests check that the
 // committed files equal what it writes.
 package main
@@ -20,19 +21,11 @@ func main() {
 }
 
 func run() error {
-	dash, err := monitoring.DashboardJSON()
+	files, err := monitoring.Generated()
 	if err != nil {
 		return err
 	}
-	rules, err := os.ReadFile(monitoring.RulesFile)
-	if err != nil {
-		return err
-	}
-	rule, err := monitoring.PrometheusRule(rules)
-	if err != nil {
-		return err
-	}
-	for path, data := range map[string][]byte{monitoring.DashboardFile: dash, monitoring.PrometheusRuleFile: rule} {
+	for path, data := range files {
 		if err := os.WriteFile(path, data, 0o644); err != nil {
 			return err
 		}
