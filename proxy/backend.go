@@ -174,6 +174,7 @@ type backend struct {
 	log     *slog.Logger
 	ctx     context.Context
 	buffers *semaphore.Weighted // the MaxBufferBytes budget
+	chunks  chunkCounter        // reads the declared size of BDAT chunks
 
 	reservedBytes, reservedPeak atomic.Int64 // of the buffer budget, now and at most
 }
@@ -183,7 +184,7 @@ type backend struct {
 func newBackend(ctx context.Context, p *pool.Pool, cfg Config) *backend {
 	cfg = cfg.withDefaults(p.Stat().MaxConns)
 	return &backend{pool: p, cfg: cfg, log: cfg.Logger, ctx: ctx,
-		buffers: semaphore.NewWeighted(max(cfg.MaxBufferBytes, cfg.MaxMessageBytes))}
+		buffers: semaphore.NewWeighted(max(cfg.MaxBufferBytes, cfg.MaxMessageBytes)), chunks: newChunkCounter()}
 }
 
 // NewServer returns an SMTP server, not yet listening, that relays through
@@ -207,6 +208,6 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 // NewSession implements smtp.Backend. go-smtp calls it at the client's
 // first EHLO or HELO, after the greeting was sent.
 func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	return &session{b: b, client: c.Conn().RemoteAddr().String(), conn: clientConnOf(c.Conn()),
+	return &session{b: b, client: c.Conn().RemoteAddr().String(), smtp: c, conn: clientConnOf(c.Conn()),
 		access: newAccessState(c)}, nil
 }

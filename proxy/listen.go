@@ -410,10 +410,6 @@ func (c *clientConn) SetDeadline(t time.Time) error {
 // the connection.
 func (c *clientConn) hangUp() { c.hungUp.Store(true) }
 
-// closedByClient reports whether the client has closed its side of the
-// connection (it may still read replies).
-func (c *clientConn) closedByClient() bool { return c.eof.Load() }
-
 // watch reads the connection in the server's place until stop is called,
 // and calls gone if the client closes the connection or it fails meanwhile.
 // It must be called only while the server is not reading, from the

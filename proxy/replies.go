@@ -34,7 +34,7 @@ var (
 	replyBadArgument = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
 		Message: "Address contains CR, LF or NUL"}
 	replyChunkingUnverifiable = &smtp.SMTPError{Code: 502, EnhancedCode: smtp.EnhancedCode{5, 5, 1},
-		Message: "BDAT is not available on this connection; use DATA"}
+		Message: "BDAT is not available; use DATA"}
 	replyLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
 		Message: "Message has a line longer than the SMTP limit"}
 	replyNoSMTPUTF8Address = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7},

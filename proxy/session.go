@@ -35,6 +35,7 @@ import (
 type session struct {
 	b      *backend
 	client string      // remote address, for logs
+	smtp   *smtp.Conn  // go-smtp's connection, for the declared size of BDAT chunks
 	conn   *clientConn // the client's connection, or nil if not from a Listener
 	access accessState // TLS, loopback and AUTH: see access.go
 
@@ -123,10 +124,8 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // accepted this very message.
 //
 // For BDAT, go-smtp calls Data on its own goroutine and copies each chunk
-// from the connection into r with io.Copy over an io.LimitReader, which
-// takes a client that closes the connection in the middle of a chunk for
-// the chunk's end: the message would look complete. So a BDAT message is
-// relayed only if the client has not closed the connection.
+// from the connection into r; the message is relayed only if the chunks
+// delivered every byte their commands declared (see chunks.go).
 func (s *session) Data(r io.Reader) error {
 	_, chunked := r.(*io.PipeReader) // go-smtp's BDAT pipe
 	tx := s.current()
@@ -135,7 +134,7 @@ func (s *session) Data(r io.Reader) error {
 	}
 	tx.mu.Lock()
 	defer tx.mu.Unlock()
-	if chunked && s.conn == nil {
+	if chunked && !s.b.chunks.available(s.smtp) {
 		return replyChunkingUnverifiable
 	}
 	run := s.watching
@@ -160,10 +159,12 @@ func (s *session) Data(r io.Reader) error {
 			return err
 		}
 	}
-	if err := tx.readMessage(r); err != nil {
+	body := &countingReader{r: r}
+	if err := tx.readMessage(body); err != nil {
 		return err
 	}
-	if chunked && s.conn.closedByClient() {
+	if declared, _ := s.b.chunks.declaredBytes(s.smtp); chunked && body.n != declared {
+		// The client's stream ended inside the last chunk.
 		tx.outcome = "truncated"
 		return replyClientRead
 	}
