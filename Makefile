@@ -16,9 +16,8 @@
 GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 IMAGE ?= ghcr.io/smtppool/smtppool
-# Empty: the machine's own platform. For both release platforms (needs a
-# builder that can export a multi-platform image, such as --push):
-#   make image PLATFORMS=linux/amd64,linux/arm64
+# Empty: the machine's own platform. For both release platforms:
+#   make image PLATFORMS=linux/amd64,linux/arm64 IMAGE_OUTPUT=--push
 PLATFORMS ?=
 DIST_PLATFORMS := linux/amd64 linux/arm64
 ACTIONLINT := github.com/rhysd/actionlint/cmd/actionlint@v1.7.12
@@ -60,8 +59,11 @@ test-monitoring:
 test-e2e:
 	$(GO) test -tags e2e -count=1 -v ./e2e/
 
+# Without PLATFORMS the image is loaded into the local image store; with
+# several, add the output you want: make image PLATFORMS=... IMAGE_OUTPUT=--push
+IMAGE_OUTPUT ?= $(if $(PLATFORMS),,--load)
 image:
-	docker buildx build $(if $(PLATFORMS),--platform $(PLATFORMS)) \
+	docker buildx build $(if $(PLATFORMS),--platform $(PLATFORMS)) $(IMAGE_OUTPUT) \
 		--build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
 
 dist:
