@@ -80,6 +80,7 @@ func scrapeRealBinary(t *testing.T) map[string]series {
 	var log strings.Builder
 	go func() {
 		var smtpAddr, adminAddr string
+		var sent bool // once: the scanner goes on draining the log
 		listening := regexp.MustCompile(`"msg":"(smtppool listening|admin endpoints listening)","addr":"([^"]+)"`)
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
@@ -92,8 +93,9 @@ func scrapeRealBinary(t *testing.T) map[string]series {
 				} else {
 					adminAddr = m[2]
 				}
-				if smtpAddr != "" && adminAddr != "" {
+				if smtpAddr != "" && adminAddr != "" && !sent {
 					addrs <- [2]string{smtpAddr, adminAddr}
+					sent = true
 				}
 			}
 		}
