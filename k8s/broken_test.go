@@ -1,0 +1,254 @@
+package k8s
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestBrokenCopiesAreRejected proves that the checks of TestVariants can
+// fail: each case breaks a copy of the manifests in one way that strict
+// decoding lets through, and Kubernetes' own rules (the API server's
+// validation, or Pod Security restricted) must reject it, with the reason
+// given.
+func TestBrokenCopiesAreRejected(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		variant  string
+		file     string
+		old, new string
+		want     string // in the error
+	}{
+		{
+			name: "port name over 15 characters", variant: "example", file: "deployment.yaml",
+			old: "            - name: admin\n", new: "            - name: admin-endpoint-9025\n",
+			want: "must be no more than 15 characters",
+		},
+		{
+			name: "sidecar with restartPolicy Never", variant: "example", file: "deployment.yaml",
+			old: "          restartPolicy: Always\n", new: "          restartPolicy: Never\n",
+			want: "livenessProbe: Forbidden: may not be set for init containers without restartPolicy=Always",
+		},
+		{
+			name: "sidecar without restartPolicy keeps its probes", variant: "example", file: "deployment.yaml",
+			old: "          restartPolicy: Always\n", new: "",
+			want: "may not be set for init containers without restartPolicy=Always",
+		},
+		{
+			name: "privileged container", variant: "example", file: "deployment.yaml",
+			old: "            readOnlyRootFilesystem: true\n", new: "            readOnlyRootFilesystem: true\n            privileged: true\n",
+			want: "cannot set `allowPrivilegeEscalation` to false and `privileged` to true",
+		},
+		{
+			name: "privileged container, no escalation flag", variant: "example", file: "deployment.yaml",
+			old: "            readOnlyRootFilesystem: true\n            allowPrivilegeEscalation: false\n", new: "            readOnlyRootFilesystem: true\n            privileged: true\n",
+			want: `violates PodSecurity "restricted:latest": privileged (container "smtppool" must not set securityContext.privileged=true), allowPrivilegeEscalation != false`,
+		},
+		{
+			name: "runs as root", variant: "example", file: "deployment.yaml",
+			old: "            runAsNonRoot: true\n            runAsUser: 65532\n", new: "            runAsUser: 0\n",
+			want: "runAsUser=0",
+		},
+		{
+			name: "a capability added", variant: "legacy", file: "legacy/deployment.yaml",
+			old: "              drop:\n                - ALL\n", new: "              drop:\n                - ALL\n              add:\n                - NET_ADMIN\n",
+			want: `unrestricted capabilities (container "smtppool" must not include "NET_ADMIN"`,
+		},
+		{
+			name: "a hostPath volume", variant: "example", file: "deployment.yaml",
+			old: "          emptyDir: {}\n", new: "          hostPath:\n            path: /var/lib/mattermost\n",
+			want: `restricted volume types (volume "mattermost-data" uses restricted volume type "hostPath")`,
+		},
+		{
+			name: "host network", variant: "example", file: "deployment.yaml",
+			old: "      automountServiceAccountToken: false\n", new: "      automountServiceAccountToken: false\n      hostNetwork: true\n",
+			want: "hostNetwork=true",
+		},
+		{
+			name: "mount of a missing volume", variant: "example", file: "deployment.yaml",
+			old: "            - name: smtppool-upstream\n              mountPath:", new: "            - name: smtppool-upstreem\n              mountPath:",
+			want: "volumeMounts[0].name: Not found",
+		},
+		{
+			name: "secret file mode out of range", variant: "example", file: "deployment.yaml",
+			old: "defaultMode: 0444", new: "defaultMode: 01444",
+			want: "defaultMode: Invalid value",
+		},
+		{
+			name: "selector that misses the pods", variant: "example", file: "deployment.yaml",
+			old: "    matchLabels:\n      app.kubernetes.io/name: mattermost\n", new: "    matchLabels:\n      app.kubernetes.io/name: matermost\n",
+			want: "`selector` does not match template `labels`",
+		},
+		{
+			name: "memory request above the limit", variant: "example", file: "deployment.yaml",
+			old: "              cpu: 50m\n              memory: 64Mi\n", new: "              cpu: 50m\n              memory: 256Mi\n",
+			want: "must be less than or equal to memory limit",
+		},
+		{
+			name: "two containers of one name", variant: "example", file: "deployment.yaml",
+			old: "        - name: mattermost\n", new: "        - name: smtppool\n",
+			want: "Duplicate value: \"smtppool\"",
+		},
+		{
+			name: "ConfigMap key that is no variable name", variant: "existing installation", file: "config/configmap.yaml",
+			old: "  SMTPPOOL_HOSTNAME:", new: "  SMTPPOOL HOSTNAME:",
+			want: "a valid config key must consist of alphanumeric characters",
+		},
+		{
+			name: "Operator: a privileged sidecar", variant: "Mattermost Operator", file: operatorFile,
+			old: "          readOnlyRootFilesystem: true\n          allowPrivilegeEscalation: false\n", new: "          readOnlyRootFilesystem: true\n          privileged: true\n",
+			want: `privileged (container "smtppool" must not set securityContext.privileged=true)`,
+		},
+		{
+			name: "Operator: port name over 15 characters", variant: "Mattermost Operator", file: operatorFile,
+			old: "          - name: admin\n", new: "          - name: admin-endpoint-9025\n",
+			want: "must be no more than 15 characters",
+		},
+		{
+			name: "Operator: the sidecar as an ordinary init container", variant: "Mattermost Operator", file: operatorFile,
+			old: "        restartPolicy: Always\n", new: "",
+			want: "may not be set for init containers without restartPolicy=Always",
+		},
+		{
+			name: "Helm chart: sidecar with restartPolicy OnFailure", variant: "Mattermost Helm chart", file: helmFile,
+			old: "    restartPolicy: Always\n", new: "    restartPolicy: OnFailure\n",
+			want: "startupProbe: Forbidden: may not be set for init containers without restartPolicy=Always",
+		},
+		{
+			name: "Helm chart: a hostPath volume", variant: "Mattermost Helm chart", file: helmFile,
+			old: "      defaultMode: 0444\n", new: "      defaultMode: 0444\n  - name: host-logs\n    hostPath:\n      path: /var/log\n",
+			want: `restricted volume types (volume "host-logs" uses restricted volume type "hostPath")`,
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := findVariant(t, c.variant)
+			tr := newTree(t)
+			tr.edit(t, c.file, c.old, c.new)
+			set, err := v.build(tr)
+			if err == nil {
+				err = validateSet(set)
+			}
+			switch {
+			case err == nil:
+				t.Fatalf("%s accepted", c.name)
+			case !strings.Contains(err.Error(), c.want):
+				t.Fatalf("rejected, but not for %q:\n%v", c.want, err)
+			}
+			t.Logf("rejected: %v", err)
+		})
+	}
+}
+
+// reporter is the part of *testing.T that the checks of a variant use, so
+// that TestBrokenPromisesAreCaught can run them on a broken copy and see
+// them fail.
+type reporter interface {
+	Helper()
+	Error(args ...any)
+	Errorf(format string, args ...any)
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+}
+
+// failures records what checks report; Fatal stops the check like
+// testing.T's does, by unwinding to runChecks.
+type failures []string
+
+type stopCheck struct{}
+
+func (f *failures) Helper()                           {}
+func (f *failures) Error(args ...any)                 { *f = append(*f, fmt.Sprint(args...)) }
+func (f *failures) Errorf(format string, args ...any) { *f = append(*f, fmt.Sprintf(format, args...)) }
+func (f *failures) Fatal(args ...any)                 { f.Error(args...); panic(stopCheck{}) }
+func (f *failures) Fatalf(format string, args ...any) { f.Errorf(format, args...); panic(stopCheck{}) }
+
+// runChecks runs checkVariant and returns what it reported.
+func runChecks(v variant, set *manifestSet) (f failures) {
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(stopCheck); !ok {
+				panic(r)
+			}
+		}
+	}()
+	checkVariant(&f, v, set)
+	return f
+}
+
+// TestBrokenPromisesAreCaught proves that the README's promises, which
+// Kubernetes' rules do not cover, are checked: each case breaks a copy in
+// a way Kubernetes accepts, and checkVariant must report it.
+func TestBrokenPromisesAreCaught(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		variant  string
+		file     string
+		old, new string
+		want     string
+	}{
+		{
+			name: "legacy sidecar with restartPolicy Always", variant: "legacy", file: "legacy/deployment.yaml",
+			old: "          imagePullPolicy: IfNotPresent\n", new: "          imagePullPolicy: IfNotPresent\n          restartPolicy: Always\n",
+			want: "restartPolicy set on an app container",
+		},
+		{
+			name: "SMTP open to the network", variant: "example", file: "config/configmap.yaml",
+			old: `SMTPPOOL_LISTEN_ADDR: "127.0.0.1:2525"`, new: `SMTPPOOL_LISTEN_ADDR: ":2525"`,
+			want: "SMTPPOOL_LISTEN_ADDR",
+		},
+		{
+			name: "admin endpoint on loopback, out of the kubelet's reach", variant: "Mattermost Helm chart", file: "config/configmap.yaml",
+			old: `SMTPPOOL_ADMIN_ADDR: ":9025"`, new: `SMTPPOOL_ADMIN_ADDR: "127.0.0.1:9025"`,
+			want: "SMTPPOOL_ADMIN_ADDR",
+		},
+		{
+			name: "no SMTPPOOL_HOSTNAME", variant: "example", file: "config/configmap.yaml",
+			old: `  SMTPPOOL_HOSTNAME: "mattermost.example.com"` + "\n", new: "",
+			want: "SMTPPOOL_HOSTNAME",
+		},
+		{
+			name: "misspelt variable", variant: "Mattermost Operator", file: "config/configmap.yaml",
+			old: "SMTPPOOL_MAX_CONNS:", new: "SMTPPOOL_MAX_CONN:",
+			want: "variable SMTPPOOL_MAX_CONN is not one of smtppool's",
+		},
+		{
+			name: "password file that the Secret lacks", variant: "example", file: "config/configmap.yaml",
+			old: `"/run/secrets/smtppool/password"`, new: `"/run/secrets/smtppool/passwd"`,
+			want: "has no key for it",
+		},
+		{
+			name: "drain longer than the Operator's grace period allows", variant: "Mattermost Operator", file: operatorFile,
+			old: `value: "10s"`, new: `value: "25s"`,
+			want: "leaves less than 10 s",
+		},
+		{
+			name: "Mattermost not pointed at the sidecar", variant: "Mattermost Helm chart", file: helmFile,
+			old: "    value: localhost\n", new: "    value: smtp.example.com\n",
+			want: "MM_EMAILSETTINGS_SMTPSERVER",
+		},
+		{
+			name: "database Secret in smtppool's objects", variant: "existing installation", file: "config/kustomization.yaml",
+			old: "  - secret.yaml\n", new: "  - secret.yaml\n  - ../mattermost-db\n",
+			want: "which is not smtppool's",
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := findVariant(t, c.variant)
+			tr := newTree(t)
+			tr.edit(t, c.file, c.old, c.new)
+			set, err := v.build(tr)
+			if err == nil {
+				err = validateSet(set)
+			}
+			if err != nil {
+				t.Fatalf("Kubernetes' rules reject this already; pick a case they accept:\n%v", err)
+			}
+			f := runChecks(v, set)
+			if !slices.ContainsFunc(f, func(s string) bool { return strings.Contains(s, c.want) }) {
+				t.Fatalf("checkVariant did not report %q; it reported %q", c.want, f)
+			}
+			t.Logf("reported: %q", f)
+		})
+	}
+}
