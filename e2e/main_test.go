@@ -51,7 +51,8 @@ func setup() error {
 		return err
 	}
 	upstreamScript, err = peers.UpstreamScript(root)
-	missing := peers.Require(peers.Program{Cmd: "swaks", Package: "swaks"}, peers.Program{Cmd: "python3", Package: "python3"})
+	missing := peers.Require(peers.Program{Cmd: "swaks", Package: "swaks"}, peers.Program{Cmd: "python3", Package: "python3"},
+		peers.Program{Cmd: "curl", Package: "curl"})
 	if err := errors.Join(missing, err); err != nil {
 		return fmt.Errorf("the end-to-end tests need peers that are missing: %w\n"+
 			"Install them with: sh ../shared/peers/postfix-upstream.sh install", err)

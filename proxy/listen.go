@@ -315,8 +315,10 @@ type clientConn struct {
 	readDeadline time.Time  // as last set by the server
 	tail         []byte     // the last bytes the client sent
 
-	eof    atomic.Bool // the client has closed its side of the connection
-	hungUp atomic.Bool // see hangUp
+	eof     atomic.Bool  // a read met the end of the client's stream
+	hungUp  atomic.Bool  // see hangUp
+	closing atomic.Bool  // Close was called
+	reading atomic.Int32 // reads of the connection in progress, the server's or a watch's
 }
 
 // clientConnOf returns the clientConn under a go-smtp connection's
@@ -345,6 +347,13 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	}
 	if c.hungUp.Load() {
 		return 0, io.EOF
+	}
+	c.reading.Add(1)
+	defer c.reading.Add(-1)
+	if c.closing.Load() {
+		// go-smtp reads on after it closes the connection from within a
+		// command (QUIT), and must not take what a lingering Close reads.
+		return 0, net.ErrClosed
 	}
 	c.rmu.Lock()
 	switch {
@@ -390,7 +399,14 @@ func (c *clientConn) endsWithQuit() bool {
 }
 
 // SetReadDeadline records the server's deadline, which a watch borrows.
+// Once the connection is closing it fails, as on a closed connection: the
+// deadline is the lingering's, and go-smtp, which sets it before it reads
+// each command, stops there rather than serve commands it has buffered
+// with a session it has ended.
 func (c *clientConn) SetReadDeadline(t time.Time) error {
+	if c.closing.Load() {
+		return net.ErrClosed
+	}
 	c.rmu.Lock()
 	c.readDeadline = t
 	c.rmu.Unlock()
@@ -399,6 +415,9 @@ func (c *clientConn) SetReadDeadline(t time.Time) error {
 
 // SetDeadline records the server's read deadline, which a watch borrows.
 func (c *clientConn) SetDeadline(t time.Time) error {
+	if c.closing.Load() {
+		return net.ErrClosed
+	}
 	c.rmu.Lock()
 	c.readDeadline = t
 	c.rmu.Unlock()
@@ -417,8 +436,13 @@ func (c *clientConn) hangUp() { c.hungUp.Store(true) }
 func (c *clientConn) watch(gone func()) (stop func()) {
 	var stopping atomic.Bool
 	done := make(chan struct{})
+	c.reading.Add(1)
 	go func() {
 		defer close(done)
+		defer c.reading.Add(-1)
+		if c.closing.Load() {
+			return
+		}
 		buf := make([]byte, 4096)
 		for {
 			n, err := c.Conn.Read(buf)
@@ -467,15 +491,56 @@ func (c *clientConn) watch(gone func()) (stop func()) {
 // written that alert, which here is only held, so Close sets its own.
 const closeFlushTimeout = 2 * time.Second
 
+// A connection that closes while the client may still be sending lingers:
+// it sends its last reply, ends its side of the stream, and reads and
+// discards what the client still sends, until the client closes its side
+// too, for at most lingerTimeout and lingerMaxBytes. Closed at once, a
+// socket with unread data is reset, and the reset makes the client lose the
+// reply: go-smtp ends the connection after a message line over its limit
+// (554 5.6.0) while the client is still writing the rest of the message,
+// which then fails with "connection reset by peer".
+const (
+	lingerTimeout  = 30 * time.Second
+	lingerMaxBytes = 64 << 20
+)
+
+// Close sends what is held and closes the connection. It lingers in the
+// background (see lingerTimeout), counting against the Listener's cap
+// meanwhile, unless the client has already ended its side or a read is in
+// progress: the Close then comes from outside the server's reading (a
+// server's Close, say), which must end at once. A Listener's
+// CloseConnections ends the lingering at once too.
 func (c *clientConn) Close() error {
+	if c.closing.Swap(true) {
+		return nil // go-smtp closes twice when the server closes it
+	}
 	c.wmu.Lock()
 	if len(c.held) > 0 {
 		c.Conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
 		c.flushLocked()
 	}
 	c.wmu.Unlock()
-	c.l.forget(c)
-	return c.Conn.Close()
+	tc, ok := c.Conn.(*net.TCPConn)
+	if !ok || c.eof.Load() || c.reading.Load() > 0 {
+		c.l.forget(c)
+		return c.Conn.Close()
+	}
+	go c.linger(tc)
+	return nil
+}
+
+// linger ends the server's side of the stream, discards what the client
+// still sends until it ends its side, and closes.
+func (c *clientConn) linger(tc *net.TCPConn) {
+	defer func() {
+		c.l.forget(c)
+		c.Conn.Close()
+	}()
+	if tc.CloseWrite() != nil {
+		return
+	}
+	tc.SetReadDeadline(time.Now().Add(lingerTimeout))
+	io.Copy(io.Discard, io.LimitReader(tc, lingerMaxBytes))
 }
 
 func (c *clientConn) flush() error {
