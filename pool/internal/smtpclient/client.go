@@ -51,6 +51,9 @@ var (
 	// ErrUnsolicitedReply means the server sent a reply before it was sent
 	// a command for it.
 	ErrUnsolicitedReply = errors.New("server sent a reply that no command asked for")
+	// ErrServerClosed means the server closed the connection (or it was
+	// reset) while no command was waiting for a reply.
+	ErrServerClosed = errors.New("server closed the connection")
 )
 
 // Client is one connection to an SMTP server.
@@ -61,19 +64,27 @@ type Client struct {
 	CommandTimeout, DataTimeout time.Duration
 
 	conn  net.Conn // the connection: the one given to New, or TLS over it
+	raw   net.Conn // the connection under TLS, or conn
+	peek  socketPeeker
 	r     *textproto.Reader
 	br    *bufio.Reader
 	bw    *bufio.Writer
 	tw    *textproto.Writer
 	ext   map[string]string // from the last EHLO; nil after HELO
 	isTLS bool
+	// handshook says no reply has been read since the TLS handshake: the
+	// records that follow a handshake (session tickets) may still wait
+	// in the socket, and are no reply.
+	handshook bool
 }
 
 // New returns a client on conn, which may be a *tls.Conn already (implicit
 // TLS). Nothing is read or written yet: call Greet.
 func New(conn net.Conn) *Client {
-	c := &Client{}
-	_, c.isTLS = conn.(*tls.Conn)
+	c := &Client{raw: conn}
+	if tc, ok := conn.(*tls.Conn); ok {
+		c.raw, c.isTLS, c.handshook = tc.NetConn(), true, true
+	}
 	c.setConn(conn)
 	return c
 }
@@ -164,7 +175,7 @@ func (c *Client) StartTLS(cfg *tls.Config) error {
 	}
 	tc.SetDeadline(time.Time{})
 	c.setConn(tc)
-	c.isTLS = true
+	c.isTLS, c.handshook = true, true
 	c.ext = nil
 	return nil
 }
@@ -390,6 +401,7 @@ func (c *Client) readReply(expect int, timeout time.Duration) (int, string, erro
 	if err != nil {
 		return 0, "", fmt.Errorf("read reply: %w", err)
 	}
+	c.handshook = false
 	if !codeMatches(code, expect) {
 		return code, msg, toSMTPError(code, msg)
 	}
@@ -474,18 +486,70 @@ func truncate(line string) string {
 // for yet: a reply too many would otherwise be taken as the reply to the
 // next command, and every reply after it as the reply to the command
 // before, up to a refused message read as accepted. It sees the bytes
-// already read into the buffer, which is where an extra reply that came
-// with an awaited one is.
+// already read into the buffer, where an extra reply that came with an
+// awaited one is, and peeks into the socket without waiting, where one
+// that came in a later packet is: a system call, no round trip. It also
+// fails when the server has closed the connection, before anything is
+// written into it.
 func (c *Client) checkInSync() error {
-	if c.Unsolicited() {
+	if c.br.Buffered() > 0 {
 		return ErrUnsolicitedReply
+	}
+	switch c.peek.state(c.raw) {
+	case socketClosed:
+		return ErrServerClosed
+	case socketData:
+		switch {
+		case !c.isTLS:
+			return ErrUnsolicitedReply
+		case c.handshook:
+			// The handshake's own records, most likely; the TLS layer
+			// takes them in with the next reply.
+			return nil
+		}
+		return c.checkTLSRecords()
 	}
 	return nil
 }
 
-// Unsolicited reports whether the server has sent bytes that no command
-// asked for; such a connection is out of step and must not be used again.
-func (c *Client) Unsolicited() bool { return c.br.Buffered() > 0 }
+// tlsRecordWait bounds the read that tells, on a TLS connection with
+// bytes waiting, whether they carry data: a record is in the socket
+// already, or about to be.
+const tlsRecordWait = 50 * time.Millisecond
+
+// checkTLSRecords reads the TLS records waiting in the socket: data in
+// them is a reply no command asked for; a record without data (a session
+// ticket, a key update) is taken in by the TLS layer and leaves nothing.
+func (c *Client) checkTLSRecords() error {
+	c.conn.SetReadDeadline(time.Now().Add(tlsRecordWait))
+	_, err := c.br.Peek(1)
+	c.conn.SetReadDeadline(noDeadline)
+	var netErr net.Error
+	switch {
+	case err == nil:
+		return ErrUnsolicitedReply
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrServerClosed, err)
+}
+
+// Unsolicited reports whether the connection is out of step: the server
+// has sent bytes that no command asked for, or closed it. Such a
+// connection must not be used again.
+func (c *Client) Unsolicited() bool { return c.checkInSync() != nil }
+
+// socketState is what a socketPeeker finds in a socket.
+type socketState int
+
+const (
+	socketUnknown socketState = iota // the system cannot tell
+	socketEmpty                      // nothing to read
+	socketData                       // bytes to read
+	socketClosed                     // the server closed the connection, or it failed
+)
+
+var noDeadline time.Time
 
 // flush writes what is buffered within timeout.
 func (c *Client) flush(timeout time.Duration) error {

@@ -924,3 +924,137 @@ func TestPipelineFlightsAreBounded(t *testing.T) {
 		t.Errorf("the client wrote %d bytes past the first %d commands before their replies", early, maxFlight)
 	}
 }
+
+// nextCommands are the ways a command goes out after a reply: each must
+// first check that no reply is waiting.
+var nextCommands = map[string]func(c *Client) error{
+	"pipeline": func(c *Client) error {
+		_, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
+		return err
+	},
+	"BDAT": func(c *Client) error {
+		_, _, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), true)
+		return err
+	},
+	"message after DATA": func(c *Client) error {
+		_, _, err := c.SendData(strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+		return err
+	},
+}
+
+// TestExtraReplyInALaterPacket: an extra reply that arrives in a packet of
+// its own, after the awaited reply was read, is seen before the next
+// command too (issue 16, item 8): by a look into the socket that does not
+// wait, not by a round trip. Nothing is written after it.
+func TestExtraReplyInALaterPacket(t *testing.T) {
+	for name, send := range nextCommands {
+		t.Run(name, func(t *testing.T) {
+			var after []byte
+			stray := make(chan struct{})
+			c, done := scriptedDone(t, func(p *peer) {
+				greet(p, "CHUNKING", "PIPELINING")
+				p.expect("RSET")
+				p.send("250 2.0.0 Ok")
+				<-stray // the client has read its reply
+				p.send("250 2.0.0 Ok")
+				after, _ = io.ReadAll(p.r)
+			})
+			mustHello(t, c)
+			if err := c.Reset(); err != nil {
+				t.Fatal(err)
+			}
+			close(stray)
+			memsmtp.WaitFor(t, "Unsolicited() to see the extra reply in the socket", c.Unsolicited)
+			err := send(c)
+			if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) {
+				t.Errorf("after an extra reply: %v, want ErrUnsolicitedReply", err)
+			}
+			c.Close()
+			<-done
+			if len(after) != 0 {
+				t.Errorf("server read %q after the extra reply, want nothing", after)
+			}
+		})
+	}
+}
+
+// TestServerClosedIsSeenBeforeWriting: a server that closed the connection
+// while it was idle is seen before a command is written into it, so that a
+// message is never sent into a connection already gone.
+func TestServerClosedIsSeenBeforeWriting(t *testing.T) {
+	for name, send := range nextCommands {
+		t.Run(name, func(t *testing.T) {
+			c := scripted(t, func(p *peer) {
+				greet(p, "CHUNKING", "PIPELINING")
+				p.expect("RSET")
+				p.send("250 2.0.0 Ok")
+			}) // and the server closes
+			mustHello(t, c)
+			if err := c.Reset(); err != nil {
+				t.Fatal(err)
+			}
+			memsmtp.WaitFor(t, "Unsolicited() to see the server's close", c.Unsolicited)
+			if err := send(c); !errors.Is(err, ErrServerClosed) {
+				t.Errorf("on a connection the server closed: %v, want ErrServerClosed", err)
+			}
+			c.Close()
+		})
+	}
+}
+
+// TestExtraReplyOverTLS: over TLS the look into the socket sees records;
+// one that carries an extra reply is caught as in clear text, and the
+// records that follow a handshake (Go's server sends session tickets) are
+// not taken for one.
+func TestExtraReplyOverTLS(t *testing.T) {
+	serverTLS, roots, err := memsmtp.SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stray := make(chan struct{})
+	var after string
+	c, done := scriptedDone(t, func(p *peer) {
+		greet(p, "STARTTLS", "PIPELINING")
+		p.expect("STARTTLS")
+		p.send("220 2.0.0 Ready to start TLS")
+		tc := tls.Server(p.conn, serverTLS)
+		tp := textproto.NewConn(tc)
+		if l, err := tp.ReadLine(); err != nil || l != "EHLO client.test" {
+			t.Errorf("over TLS, server read %q, %v", l, err)
+			return
+		}
+		tp.PrintfLine("250-scripted.test")
+		tp.PrintfLine("250 PIPELINING")
+		if l, _ := tp.ReadLine(); l != "NOOP" {
+			t.Errorf("over TLS, server read %q, want NOOP", l)
+		}
+		tp.PrintfLine("250 2.0.0 Ok")
+		<-stray
+		tp.PrintfLine("250 2.0.0 Ok")
+		after, _ = tp.ReadLine()
+	})
+	mustHello(t, c)
+	if err := c.StartTLS(&tls.Config{RootCAs: roots, ServerName: "127.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Noop(); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took >= tlsRecordWait {
+		t.Errorf("EHLO and NOOP after the handshake took %v: the handshake's records were waited on", took)
+	}
+	close(stray)
+	memsmtp.WaitFor(t, "Unsolicited() to see the extra reply over TLS", c.Unsolicited)
+	if err := nextCommands["pipeline"](c); !errors.Is(err, ErrUnsolicitedReply) {
+		t.Errorf("after an extra reply over TLS: %v, want ErrUnsolicitedReply", err)
+	}
+	c.Close()
+	<-done
+	if after != "" {
+		t.Errorf("server read %q after the extra reply, want nothing", after)
+	}
+}
