@@ -64,7 +64,7 @@ type config struct {
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" help:"longest pause between tries"`
-	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may hold an upstream session while smtppool waits for the client (a slow or stalled client, NOOPs); then the client gets 451 4.4.2 and the session is freed. A command already sent upstream is not cut short: the upstream's reply is bounded by the command and data timeouts"`
+	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may hold an upstream session while smtppool waits for the client (a slow or stalled client, NOOPs, a message body sent slowly with DATA or in BDAT chunks); then the session is freed, nothing is relayed, and the client gets 451 4.4.2 (for a message, at its end). A command already sent upstream is not cut short: the upstream's reply is bounded by the command and data timeouts"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" help:"renew an upstream session after this long"`
 	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" help:"close upstream sessions idle longer than this"`
 	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" help:"renew an upstream session after this many messages"`

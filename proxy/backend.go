@@ -67,8 +67,10 @@ type Config struct {
 	RetryBackoffMax time.Duration
 
 	// TransactionTimeout is the longest a client transaction may hold an
-	// upstream session while the proxy waits for the client; after it, the
-	// session is released and the client gets 451 4.4.2. A command already
+	// upstream session while the proxy waits for the client, its message
+	// included (a DATA body, BDAT chunks); after it, the session is
+	// released, nothing is relayed, and the client gets 451 4.4.2 (for a
+	// message, once it ends it). A command already
 	// sent upstream is not cut short (that could leave a delivered message
 	// unacknowledged): the pool's command and data timeouts bound it.
 	// Default 15 minutes.
@@ -177,6 +179,11 @@ type backend struct {
 	chunks  chunkCounter        // reads the declared size of BDAT chunks
 
 	reservedBytes, reservedPeak atomic.Int64 // of the buffer budget, now and at most
+
+	// heldPastTimeout, if set (by tests), is told, whenever a transaction
+	// gives its upstream session back after its timeout, how long past the
+	// timeout the session waited for the client.
+	heldPastTimeout atomic.Pointer[func(time.Duration)]
 }
 
 // newBackend returns a backend that relays through p. When ctx ends,

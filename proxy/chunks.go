@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"io"
 	"reflect"
 
 	"github.com/emersion/go-smtp"
@@ -51,16 +50,4 @@ func (cc chunkCounter) declaredBytes(c *smtp.Conn) (int64, bool) {
 		return 0, false
 	}
 	return reflect.ValueOf(c).Elem().FieldByIndex(cc.field).Int(), true
-}
-
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }

@@ -1,9 +1,20 @@
 package proxy
 
-import "github.com/emersion/go-smtp"
+import (
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
 
 // ReservedPeak returns the most of the buffer budget that srv's backend
 // has held at once, in bytes.
 func ReservedPeak(srv *smtp.Server) int64 {
 	return srv.Backend.(*backend).reservedPeak.Load()
+}
+
+// OnHeldPastTimeout makes srv's backend call f whenever a transaction gives
+// its upstream session back after its timeout, with how long past the
+// timeout the session waited for the client.
+func OnHeldPastTimeout(srv *smtp.Server, f func(time.Duration)) {
+	srv.Backend.(*backend).heldPastTimeout.Store(&f)
 }

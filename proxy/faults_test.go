@@ -17,6 +17,11 @@ package proxy_test
 //   - no upstream session is left lent out, the pool never had more than
 //     MaxConns connections open or being dialled, and every connection it
 //     dialled was closed once the pool was;
+//   - no transaction held an upstream session past its timeout while the
+//     proxy waited for its client (a command already sent upstream may
+//     finish): a session given back after the timeout was given back
+//     within heldPastTimeoutSlack of the later of the timeout and the end
+//     of its last upstream command;
 //   - no goroutine leaked (go.uber.org/goleak), ignoring only those that
 //     were running before the test and the in-memory upstream's fault
 //     sleepers (a Delay or Stall of memsmtp outlives the connection it
@@ -36,6 +41,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/textproto"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -60,7 +66,15 @@ type rig struct {
 	// (a connection limit, a refused rate), which may change the pool's
 	// state.
 	limits bool
+
+	mu             sync.Mutex
+	heldPastMaxDur time.Duration // the longest a session waited for a client past its transaction's timeout
 }
+
+// heldPastTimeoutSlack is how long past its transaction's timeout a
+// session may still wait for its client before it is given back: the time
+// the timer's goroutine takes to run, on a loaded machine.
+const heldPastTimeoutSlack = time.Second
 
 // retryCounter is the proxy's Observer: it counts the transient failures
 // retried, by reason.
@@ -123,6 +137,11 @@ func newRig(t *testing.T, o options, noAuth bool) *rig {
 		e = newEnv(t, o)
 	}
 	r := &rig{testEnv: e, dialer: d, ledger: &ledger{told: map[string]int{}}, retries: obs}
+	proxy.OnHeldPastTimeout(e.srv, func(d time.Duration) {
+		r.mu.Lock()
+		r.heldPastMaxDur = max(r.heldPastMaxDur, d)
+		r.mu.Unlock()
+	})
 	t.Cleanup(func() { r.verify(t) }) // runs before the env's cleanups
 	return r
 }
@@ -157,6 +176,11 @@ func (r *rig) verify(t *testing.T) {
 	if max, limit := r.dialer.maxOpenConns(), r.pool.Stat().MaxConns; max > int(limit) {
 		t.Errorf("pool had %d upstream connections open or being dialled at once, cap %d", max, limit)
 	}
+	r.mu.Lock()
+	if held := r.heldPastMaxDur; held > heldPastTimeoutSlack {
+		t.Errorf("an upstream session waited for its client %v past its transaction's timeout, want at most %v", held.Round(time.Millisecond), heldPastTimeoutSlack)
+	}
+	r.mu.Unlock()
 	copies := r.copies()
 	r.ledger.mu.Lock()
 	defer r.ledger.mu.Unlock()
@@ -1066,6 +1090,101 @@ func TestClientTextDoesNotChangePoolState(t *testing.T) {
 			r.ledger.record(id, err)
 			if got := codeOf(err); got != tt.want {
 				t.Errorf("client got %d (%v), want %d", got, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestStalledClientsFreeTheirSession (issue 16, item 1): a client that holds
+// the only upstream session and then makes smtppool wait for it, whatever
+// it is in the middle of, loses the session at the transaction timeout:
+// between BDAT chunks while it keeps the connection alive with NOOPs (go-smtp
+// answers them itself), in the middle of a DATA body, trickled or stalled,
+// or between commands. Another client, waiting for a session, is served
+// soon after the timeout; the stalled client gets 451 4.4.2 when it ends its
+// message, and nothing of its message reaches the upstream. The rig checks
+// that no session was held past the timeout while smtppool waited for a
+// client.
+func TestStalledClientsFreeTheirSession(t *testing.T) {
+	const (
+		timeout = time.Second
+		slack   = 2 * time.Second // for a loaded 2-core machine
+		most    = 8 * time.Second // how long a client stalls if nobody is served
+	)
+	tests := []struct {
+		name  string
+		start string // after EHLO, MAIL and RCPT, each answered
+		want  int    // the reply to start, if any
+		// stall is sent every 300 ms while the client stalls; the end of
+		// the message, then, must get 451 4.4.2.
+		stall, end string
+	}{
+		{name: "between BDAT chunks, with NOOPs", start: "BDAT 5\r\nMessa", want: 250, stall: "NOOP\r\n",
+			end: "BDAT " + strconv.Itoa(len(message("stalled"))-5) + " LAST\r\n" + message("stalled")[5:]},
+		{name: "after BDAT 0, with NOOPs", start: "BDAT 0\r\n", want: 250, stall: "NOOP\r\n",
+			end: "BDAT " + strconv.Itoa(len(message("stalled"))) + " LAST\r\n" + message("stalled")},
+		{name: "in a DATA body, trickled", start: "DATA\r\n" + message("stalled") + "Trickled: ", want: 354, stall: "x",
+			end: "\r\n.\r\n"},
+		{name: "in a DATA body, stalled", start: "DATA\r\n" + message("stalled") + "Stalled: ", want: 354,
+			end: "\r\n.\r\n"},
+		{name: "after RCPT, with NOOPs", stall: "NOOP\r\n",
+			end: "DATA\r\n" + message("stalled") + ".\r\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newRig(t, options{pool: pool.Config{MaxConns: 1},
+				proxy: proxy.Config{TransactionTimeout: timeout, ClientTimeout: 20 * time.Second}}, false)
+			c := rawDial(t, r.addr)
+			c.must("EHLO client.test", 250)
+			c.must("MAIL FROM:<app@example.com>", 250)
+			c.must("RCPT TO:<user@example.com>", 250)
+			if tt.start != "" {
+				c.write(tt.start)
+				if code, msg := c.reply(); code != tt.want {
+					t.Fatalf("%q: %d %s, want %d", tt.start, code, msg, tt.want)
+				}
+			}
+			held := time.Now()
+			served := make(chan error, 1)
+			go func() { served <- r.sendOne(t, "next", 0) }()
+			var err error
+		stall:
+			for time.Since(held) < most {
+				select {
+				case err = <-served:
+					break stall
+				case <-time.After(300 * time.Millisecond):
+					if tt.stall != "" {
+						c.write(tt.stall)
+						if tt.stall == "NOOP\r\n" {
+							if code, msg := c.reply(); code != 250 {
+								t.Fatalf("NOOP while stalling: %d %s", code, msg)
+							}
+						}
+					}
+				}
+			}
+			took := time.Since(held)
+			c.write(tt.end)
+			if strings.HasPrefix(tt.end, "DATA") {
+				if code, msg := c.reply(); code != 354 {
+					t.Errorf("DATA after the stall: %d %s, want 354", code, msg)
+				}
+			}
+			code, msg := c.reply()
+			if took >= most {
+				err = <-served
+			}
+			t.Logf("the other client was served %v after the stalled one took the session (%v); the stalled one got %d %s",
+				took.Round(time.Millisecond), err, code, msg)
+			if err != nil || took > timeout+slack {
+				t.Errorf("the other client was served after %v (%v), want within %v of the timeout of %v", took.Round(time.Millisecond), err, slack, timeout)
+			}
+			if code != 451 || !strings.HasPrefix(msg, "4.4.2") {
+				t.Errorf("the stalled client's message got %d %s, want 451 4.4.2", code, msg)
+			}
+			if n := r.copies()["<stalled@test>"]; n != 0 {
+				t.Errorf("the stalled client's message reached the upstream %d times, want none", n)
 			}
 		})
 	}

@@ -424,6 +424,18 @@ func (c *clientConn) SetDeadline(t time.Time) error {
 	return c.Conn.SetDeadline(t)
 }
 
+// interruptRead makes a read of the connection in progress, the server's,
+// return at once with a timeout.
+func (c *clientConn) interruptRead() { c.Conn.SetReadDeadline(time.Unix(1, 0)) }
+
+// restoreReadDeadline gives the server's read deadline back after
+// interruptRead.
+func (c *clientConn) restoreReadDeadline() {
+	c.rmu.Lock()
+	c.Conn.SetReadDeadline(c.readDeadline)
+	c.rmu.Unlock()
+}
+
 // hangUp ends the connection once the reply being written has been sent:
 // the server's next read finds the end of the stream, and go-smtp closes
 // the connection.

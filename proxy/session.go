@@ -123,11 +123,17 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // It answers 250, with the upstream's own text, only after the upstream
 // accepted this very message.
 //
+// The message is read without holding the transaction's lock, and the
+// transaction's end (its timeout, above all) interrupts the read: a client
+// slow to send its message, or one that keeps a BDAT message open with
+// NOOPs between chunks, loses its upstream session at the transaction
+// timeout like any other, and gets 451 4.4.2.
+//
 // For BDAT, go-smtp calls Data on its own goroutine and copies each chunk
 // from the connection into r; the message is relayed only if the chunks
 // delivered every byte their commands declared (see chunks.go).
 func (s *session) Data(r io.Reader) error {
-	_, chunked := r.(*io.PipeReader) // go-smtp's BDAT pipe
+	pipe, chunked := r.(*io.PipeReader) // go-smtp's BDAT pipe
 	tx := s.current()
 	if tx == nil {
 		return replyNoTransaction
@@ -159,17 +165,23 @@ func (s *session) Data(r io.Reader) error {
 			return err
 		}
 	}
-	body := &countingReader{r: r}
-	if err := tx.readMessage(body); err != nil {
-		return err
+	body := &clientBody{r: r, ctx: tx.ctx}
+	stop := s.interruptOnEnd(tx, pipe)
+	tx.mu.Unlock()
+	err := tx.readMessage(body)
+	tx.mu.Lock()
+	stop()
+	if err != nil || tx.ctx.Err() != nil {
+		return tx.unread(err)
 	}
+	tx.bytes = tx.msg.Len()
 	if declared, _ := s.b.chunks.declaredBytes(s.smtp); chunked && body.n != declared {
 		// The client's stream ended inside the last chunk.
 		tx.outcome = "truncated"
 		return replyClientRead
 	}
 	var upstreamReply string
-	err := run(tx, func() error {
+	err = run(tx, func() error {
 		return tx.relay(cmdData, func(ctx context.Context, c *pool.Conn) error {
 			if err := checkMessage(c, &tx.msg); err != nil {
 				return err
@@ -184,6 +196,39 @@ func (s *session) Data(r io.Reader) error {
 	}
 	tx.delivered(upstreamReply)
 	return acceptedReply(upstreamReply)
+}
+
+// interruptOnEnd makes a read of tx's message that waits for the client
+// return once tx's context ends (the transaction timeout, a shutdown's):
+// it closes go-smtp's BDAT pipe with the client's reply, which go-smtp
+// gives to the client's next BDAT, or, for DATA, moves the client
+// connection's read deadline into the past. stop undoes it; once stop has
+// returned, the connection's read deadline is go-smtp's again, for it to
+// read the rest of the message.
+func (s *session) interruptOnEnd(tx *transaction, pipe *io.PipeReader) (stop func()) {
+	var interrupt, undo func()
+	switch {
+	case pipe != nil:
+		interrupt = func() { pipe.CloseWithError(classify("", context.Cause(tx.ctx)).reply) }
+	case s.conn != nil:
+		interrupt, undo = s.conn.interruptRead, s.conn.restoreReadDeadline
+	default:
+		return func() {}
+	}
+	done := make(chan struct{})
+	stopAfter := context.AfterFunc(tx.ctx, func() {
+		defer close(done)
+		interrupt()
+	})
+	return func() {
+		if stopAfter() {
+			return
+		}
+		<-done
+		if undo != nil {
+			undo()
+		}
+	}
 }
 
 // Reset ends the transaction; go-smtp calls it after DATA, on RSET and on

@@ -34,6 +34,12 @@ type transaction struct {
 	cancel context.CancelCauseFunc
 	timer  *time.Timer // the transaction timeout, from the first upstream session
 
+	// deadline is when the timer fires; upstreamDone is when the session
+	// held last finished working for the transaction (its borrowing, or
+	// the last command relayed): from then on until the session is given
+	// back, it waits for the client. Guarded by mu.
+	deadline, upstreamDone time.Time
+
 	// mu is held while a command of the transaction runs, and guards all
 	// that follows.
 	mu    sync.Mutex
@@ -109,6 +115,7 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 	var w retryWindow
 	for {
 		where, err := tx.try(cmd, step)
+		tx.upstreamDone = time.Now()
 		if err == nil {
 			return nil
 		}
@@ -244,7 +251,9 @@ func (tx *transaction) adopt(c *pool.Conn) {
 	tx.offered.add(c)
 	tx.envelopeSent = false
 	tx.attempts++
+	tx.upstreamDone = time.Now()
 	if tx.timer == nil {
+		tx.deadline = tx.upstreamDone.Add(tx.s.b.cfg.TransactionTimeout)
 		tx.timer = time.AfterFunc(tx.s.b.cfg.TransactionTimeout, tx.expire)
 	}
 }
@@ -462,25 +471,56 @@ func (tx *transaction) releaseBuffer() {
 }
 
 // readMessage reads the client's message into the buffer, normalising
-// bare CR and LF line ends to CRLF.
+// bare CR and LF line ends to CRLF. It touches nothing of tx but the
+// buffer, which only Data uses: Data calls it without holding mu, so that
+// a client slow to send its message does not keep expire from taking the
+// upstream session back.
 func (tx *transaction) readMessage(r io.Reader) error {
 	_, err := tx.msg.ReadFrom(&crlfReader{r: r})
+	if err == nil && int64(tx.msg.Len()) > tx.s.b.cfg.MaxMessageBytes {
+		return smtp.ErrDataTooLarge
+	}
+	return err
+}
+
+// unread turns a failure to read the client's message, or a transaction
+// that ended while it was read, into the client's reply; mu must be held.
+func (tx *transaction) unread(err error) error {
+	tx.outcome = "unread"
 	var smtpErr *smtp.SMTPError
 	switch {
-	case err == nil && int64(tx.msg.Len()) > tx.s.b.cfg.MaxMessageBytes:
-		err = smtp.ErrDataTooLarge
-	case err == nil:
-		tx.bytes = tx.msg.Len()
-		return nil
-	}
-	tx.outcome = "unread"
-	switch {
+	case tx.ctx.Err() != nil:
+		// The transaction timeout, the client's RSET or leaving, or a
+		// shutdown, while the client was sending: nothing is relayed.
+		return tx.stopped()
 	case errors.As(err, &smtpErr):
 		return smtpErr // 552 5.3.4 from go-smtp's size limit
 	case errors.Is(err, smtp.ErrTooLongLine):
 		return replyLineTooLong
 	}
 	return replyClientRead
+}
+
+// clientBody reads the client's message for a transaction, counting the
+// bytes, and fails with the cause of the transaction's end once its
+// context has ended: a read that the end interrupted (see
+// session.interruptOnEnd) fails with that cause too.
+type clientBody struct {
+	r   io.Reader
+	ctx context.Context
+	n   int64
+}
+
+func (b *clientBody) Read(p []byte) (int, error) {
+	if b.ctx.Err() != nil {
+		return 0, context.Cause(b.ctx)
+	}
+	n, err := b.r.Read(p)
+	b.n += int64(n)
+	if err != nil && b.ctx.Err() != nil {
+		err = context.Cause(b.ctx)
+	}
+	return n, err
 }
 
 // delivered records the upstream's acceptance of the message.
@@ -492,6 +532,7 @@ func (tx *transaction) delivered(upstreamReply string) {
 // retry starts on a fresh one.
 func (tx *transaction) discardUpstream() {
 	if tx.up != nil {
+		tx.noteGivingBack()
 		tx.up.Discard()
 		tx.up = nil
 	}
@@ -500,8 +541,23 @@ func (tx *transaction) discardUpstream() {
 // releaseUpstream gives the held session back to the pool.
 func (tx *transaction) releaseUpstream() {
 	if tx.up != nil {
+		tx.noteGivingBack()
 		tx.up.Release()
 		tx.up = nil
+	}
+}
+
+// noteGivingBack tells the backend's heldPastTimeout hook, if any, how long
+// the session being given back was held past the transaction timeout while
+// it waited for the client: the time since the later of the deadline and
+// the end of its last work for the transaction.
+func (tx *transaction) noteGivingBack() {
+	hook := tx.s.b.heldPastTimeout.Load()
+	if hook == nil || tx.deadline.IsZero() {
+		return
+	}
+	if over := time.Since(tx.deadline); over > 0 {
+		(*hook)(min(over, time.Since(tx.upstreamDone)))
 	}
 }
 
