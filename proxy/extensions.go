@@ -9,10 +9,15 @@ import (
 	"github.com/smtppool/smtppool/pool"
 )
 
-// The checks below fit a transaction to the upstream's extensions. A
-// parameter the upstream lacks is left out only where that changes nothing
-// (SMTPUTF8 on an all-ASCII message, BODY=8BITMIME on a 7-bit one, SIZE);
-// otherwise the client gets an error, and the message is never altered.
+// The checks below fit a transaction to the upstream's extensions. They
+// refuse only what cannot be relayed faithfully: a parameter the client
+// declared (SMTPUTF8, BODY=8BITMIME, SIZE) that the upstream lacks, where
+// leaving it out would change what the message means. Where it changes
+// nothing (SMTPUTF8 on an all-ASCII transaction, BODY=8BITMIME on a 7-bit
+// message) the parameter is left out. What the client did not declare
+// (8-bit data without BODY=8BITMIME, a UTF-8 header or address without
+// SMTPUTF8) goes through as on a direct connection, and the upstream
+// decides. The message is never altered.
 
 // upstreamMailOptions returns the MAIL parameters to send upstream for a
 // transaction from from with opts, or the client's error.
@@ -26,30 +31,34 @@ func upstreamMailOptions(c *pool.Conn, from string, opts smtp.MailOptions) (*smt
 	if max, ok := c.MaxMessageSize(); ok && opts.Size > max {
 		return nil, replyTooBigUpstream
 	}
-	// go-smtp's client declares BODY=8BITMIME itself whenever the upstream
-	// offers it; checkMessage refuses 8-bit data when it does not.
+	// The pool's client declares BODY=8BITMIME itself whenever the
+	// upstream offers it; checkMessage refuses 8-bit data the client
+	// declared when it does not.
 	opts.Body = ""
 	return &opts, nil
 }
 
-// checkRecipient refuses a non-ASCII address the upstream cannot take.
-func checkRecipient(c *pool.Conn, to string) error {
-	if !isASCII(to) && !hasExtension(c, "SMTPUTF8") {
+// checkRecipient refuses a non-ASCII address, in a transaction whose
+// client declared SMTPUTF8 (opts), that the upstream cannot take.
+func checkRecipient(c *pool.Conn, opts *smtp.MailOptions, to string) error {
+	if opts.UTF8 && !isASCII(to) && !hasExtension(c, "SMTPUTF8") {
 		return replyNoSMTPUTF8Address
 	}
 	return nil
 }
 
-// checkMessage refuses 8-bit data for an upstream without 8BITMIME, and
-// non-ASCII headers for one without SMTPUTF8.
-func checkMessage(c *pool.Conn, msg *messageBuffer) error {
+// checkMessage refuses 8-bit data that the client declared with
+// BODY=8BITMIME (opts) for an upstream without 8BITMIME, and non-ASCII
+// headers, in a transaction the client declared SMTPUTF8 for, for one
+// without SMTPUTF8.
+func checkMessage(c *pool.Conn, opts *smtp.MailOptions, msg *messageBuffer) error {
 	if msg.isASCII() {
 		return nil
 	}
-	if !hasExtension(c, "8BITMIME") {
+	if opts.Body == smtp.Body8BitMIME && !hasExtension(c, "8BITMIME") {
 		return replyNo8BitMIME
 	}
-	if !hasExtension(c, "SMTPUTF8") && !msg.headerIsASCII() {
+	if opts.UTF8 && !hasExtension(c, "SMTPUTF8") && !msg.headerIsASCII() {
 		return replyNoSMTPUTF8Header
 	}
 	return nil

@@ -38,11 +38,11 @@ var (
 	replyLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
 		Message: "Message has a line longer than the SMTP limit"}
 	replyNoSMTPUTF8Address = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7},
-		Message: "Non-ASCII address, and the upstream server does not support SMTPUTF8"}
+		Message: "Non-ASCII address with SMTPUTF8, and the upstream server does not support SMTPUTF8"}
 	replyNoSMTPUTF8Header = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 9},
-		Message: "Non-ASCII header, and the upstream server does not support SMTPUTF8"}
+		Message: "Non-ASCII header with SMTPUTF8, and the upstream server does not support SMTPUTF8"}
 	replyNo8BitMIME = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 3},
-		Message: "8-bit message, and the upstream server does not support 8BITMIME; smtppool does not convert messages"}
+		Message: "8-bit message with BODY=8BITMIME, and the upstream server does not support 8BITMIME; smtppool does not convert messages"}
 	replyTooBigUpstream = &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 		Message: "Message size exceeds the upstream server's limit"}
 	replyNestedMail = &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1},

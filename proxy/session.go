@@ -103,7 +103,7 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	defer tx.mu.Unlock()
 	err := s.watching(tx, func() error {
 		return tx.relay(cmdRcpt, func(ctx context.Context, c *pool.Conn) error {
-			if err := checkRecipient(c, to); err != nil {
+			if err := checkRecipient(c, &tx.opts, to); err != nil {
 				return err
 			}
 			if !tx.envelopeSent {
@@ -183,7 +183,7 @@ func (s *session) Data(r io.Reader) error {
 	var upstreamReply string
 	err = run(tx, func() error {
 		return tx.relay(cmdData, func(ctx context.Context, c *pool.Conn) error {
-			if err := checkMessage(c, &tx.msg); err != nil {
+			if err := checkMessage(c, &tx.opts, &tx.msg); err != nil {
 				return err
 			}
 			reply, err := c.Data(ctx, tx.msg.Reader())
