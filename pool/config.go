@@ -108,8 +108,9 @@ type Config struct {
 	// idle and expired sessions; default 10 seconds.
 	HealthCheckPeriod time.Duration
 
-	// ProbeBackoff is the least pause, after a session failed to be set up,
-	// before one dial probes the upstream again; it doubles with each failed
+	// ProbeBackoff is the least pause, after a session failed to be set up
+	// or was refused over the upstream's connection limit, before one dial
+	// probes the upstream again; it doubles with each failed
 	// probe, plus up to half again at random; default 250 milliseconds.
 	ProbeBackoff time.Duration
 

@@ -38,6 +38,7 @@ func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 	}
 	s.id = p.stats.connsOpened.Add(1)
 	s.upstream = u
+	p.grow()
 	p.log.Debug("upstream session opened", "session", s.id, "upstream", u.addr, "tls", s.tls,
 		"auth", p.cfg.Auth != nil, "duration", time.Since(start).String())
 	return s, nil

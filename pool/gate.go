@@ -19,16 +19,23 @@ type capGate struct {
 
 func newCapGate(limit int32) *capGate { return &capGate{limit: limit} }
 
-// acquire waits for a place under the cap, or for ctx to end.
-func (g *capGate) acquire(ctx context.Context) error {
+// acquire waits for a place under the cap, or for ctx to end. With first,
+// it goes ahead of those waiting: a caller that held a place and had to
+// give it back.
+func (g *capGate) acquire(ctx context.Context, first bool) error {
 	g.mu.Lock()
-	if g.inUse < g.limit && g.waiters.Len() == 0 {
+	if g.inUse < g.limit && (first || g.waiters.Len() == 0) {
 		g.inUse++
 		g.mu.Unlock()
 		return nil
 	}
 	ready := make(chan struct{})
-	elem := g.waiters.PushBack(ready)
+	var elem *list.Element
+	if first {
+		elem = g.waiters.PushFront(ready)
+	} else {
+		elem = g.waiters.PushBack(ready)
+	}
 	g.mu.Unlock()
 	select {
 	case <-ready:
@@ -73,6 +80,13 @@ func (g *capGate) setLimit(n int32) {
 	g.limit = n
 	g.grantLocked()
 	g.mu.Unlock()
+}
+
+// queued returns the number of callers waiting for a place.
+func (g *capGate) queued() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.waiters.Len()
 }
 
 // current returns the cap.

@@ -9,7 +9,9 @@
 // destroyed, an unfinished transaction is reset or the session closed) and
 // by a background loop that closes idle and expired sessions. While the
 // upstream cannot be reached, one dial at a time probes it, with backoff,
-// and other dials wait for that probe instead of hammering the upstream.
+// and other dials wait for that probe instead of hammering the upstream;
+// so too while it refuses sessions over its connection limit, and then
+// the transactions waiting for a session wait for that probe.
 package pool
 
 import (
@@ -40,6 +42,11 @@ type Pool struct {
 	capSignal time.Time     // when the upstream last refused a connection over its limit
 	capRaised time.Time     // when the effective cap last rose
 	slowUntil time.Time     // until when RateLimit is halved
+	// growing says that the upstream took a session again after it had
+	// refused every one of the pool's over its connection limit: each
+	// set-up that succeeds while transactions wait for a place under the
+	// cap raises the cap by one, until a refusal or MaxConns.
+	growing bool
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -60,7 +67,7 @@ func New(cfg Config) (*Pool, error) {
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 	}
-	if p.upstreams, err = newUpstreams(cfg); err != nil {
+	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded); err != nil {
 		return nil, err
 	}
 	if cfg.RateLimit > 0 {
@@ -84,7 +91,10 @@ func New(cfg Config) (*Pool, error) {
 // returns ctx's error when ctx ends first, the error of the dial or
 // handshake when a new session could not be set up (wrapping ErrUpstreamDown
 // when a recent dial failed and the next probe is not due yet), and
-// ErrClosed after Close. The caller must Release the Conn.
+// ErrClosed after Close. A set-up that the upstream refuses over its
+// connection limit is not an error: Acquire waits, within the cap that the
+// refusal lowered, for a session to be released or for the next probe of
+// the upstream to succeed. The caller must Release the Conn.
 func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	p.waiting.Add(1)
 	defer p.waiting.Add(-1)
@@ -93,15 +103,28 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 			return nil, fmt.Errorf("waiting for the rate limit: %w", err)
 		}
 	}
-	if err := p.gate.acquire(ctx); err != nil {
-		return nil, err
-	}
-	c, err := p.acquire(ctx)
-	if err != nil {
+	for first := false; ; first = true {
+		if err := p.gate.acquire(ctx, first); err != nil {
+			return nil, err
+		}
+		c, err := p.acquire(ctx)
+		if err == nil {
+			return c, nil
+		}
 		p.gate.release()
+		if !errors.Is(err, ErrConnLimit) || ctx.Err() != nil {
+			return nil, err
+		}
+		// The upstream refused to set a session up over its connection
+		// limit: a fact about the upstream, not the transaction. The cap
+		// is lowered and the entry backs off; wait again for a place
+		// under the cap, first in line.
 	}
-	return c, err
 }
+
+// acquirerKey is the key of the context value that carries Acquire's ctx
+// to the constructor that puddle runs for it.
+type acquirerKey struct{}
 
 // TryAcquire returns a session ready for a new transaction if one is idle
 // now and Acquire would not wait for the cap or the rate limit, and nil
@@ -142,7 +165,7 @@ func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 	// Each pass either returns or closes a session, so the loop ends; the
 	// bound turns a pool that only yields unusable sessions into an error.
 	for range 2*int(p.cfg.MaxConns) + 2 {
-		res, err := p.p.Acquire(ctx)
+		res, err := p.p.Acquire(context.WithValue(ctx, acquirerKey{}, ctx))
 		if err != nil {
 			if errors.Is(err, puddle.ErrClosedPool) {
 				return nil, ErrClosed
@@ -314,6 +337,7 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 	open = max(open, 1)
 	p.throttle.Lock()
 	p.capSignal = time.Now()
+	p.growing = false
 	p.throttle.Unlock()
 	if open >= p.gate.current() {
 		return false
@@ -323,6 +347,43 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 		"effective_max_conns", open, "max_conns", p.cfg.MaxConns, "reply", reply)
 	p.trimToCap()
 	return true
+}
+
+// lockoutEnded is called when a probe of an entry that had refused a
+// session over its connection limit succeeds. If the pool had no other
+// session open, the upstream refused every one of its sessions (others,
+// such as other replicas, held all its places): the room it has now is
+// unknown, so the cap grows while transactions wait (see grow).
+func (p *Pool) lockoutEnded() {
+	if p.established() > 0 {
+		return
+	}
+	p.throttle.Lock()
+	p.growing = true
+	p.throttle.Unlock()
+	p.grow()
+}
+
+// grow raises the effective cap by one, after a session was set up, while
+// the pool grows after a lockout and transactions wait for a place under
+// the cap: the place lets one more set-up through, whose success raises
+// the cap again. So the pool takes the upstream's room one session at a
+// time, and a refusal (which lowers the cap and ends the growth) costs one
+// refused connection.
+func (p *Pool) grow() {
+	p.throttle.Lock()
+	defer p.throttle.Unlock()
+	if !p.growing {
+		return
+	}
+	c := p.gate.current()
+	if c >= p.cfg.MaxConns || p.gate.queued() == 0 {
+		p.growing = false
+		return
+	}
+	p.capRaised = time.Now()
+	p.gate.setLimit(c + 1)
+	p.log.Info("upstream took a session again; raising the effective cap while transactions wait", "effective_max_conns", c+1, "max_conns", p.cfg.MaxConns)
 }
 
 // overCap reports whether more sessions are open than the effective cap

@@ -66,6 +66,10 @@ func TestOneProbeAtATimeWhileTheUpstreamIsDown(t *testing.T) {
 		t.Error("Stat.UpstreamUp during the outage")
 	}
 
+	// A probe that a waiter started just before it gave up may still be
+	// under way: let it end, so that it cannot reach the restarted
+	// upstream beside the probe this test waits for.
+	memsmtp.WaitFor(t, "the outage's last probe to end", func() bool { return p.Stat().ConstructingConns == 0 })
 	up2 := startUpstream(t, memsmtp.Options{Addr: addr})
 	memsmtp.WaitFor(t, "a probe to reach the restarted upstream", func() bool {
 		c, err := p.Acquire(context.Background())

@@ -22,8 +22,9 @@ type upstream struct {
 
 // newUpstreams makes the entries of cfg.Addr. Each but the last is skipped
 // for FailoverCooldown after a failure, since the next one can serve; the
-// last is probed again after the usual backoff.
-func newUpstreams(cfg Config) ([]*upstream, error) {
+// last is probed again after the usual backoff. recovered is called when
+// a probe of an entry that was full succeeds.
+func newUpstreams(cfg Config, recovered func()) ([]*upstream, error) {
 	addrs, err := cfg.addrs()
 	if err != nil {
 		return nil, err
@@ -36,7 +37,7 @@ func newUpstreams(cfg Config) ([]*upstream, error) {
 			u.tls = cfg.TLSConfig.Clone()
 			u.tls.ServerName = host
 		}
-		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, log: cfg.Logger.With("upstream", addr)}
+		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, log: cfg.Logger.With("upstream", addr), recovered: recovered}
 		if i < len(addrs)-1 {
 			u.probe.base, u.probe.max = cfg.FailoverCooldown, cfg.FailoverCooldown
 		}
@@ -46,25 +47,38 @@ func newUpstreams(cfg Config) ([]*upstream, error) {
 }
 
 // connect sets up a session on the first entry of Addr that will take one:
-// an entry whose last attempt failed is skipped until its next probe is
-// due, if another entry follows it. While the only (or last) entry is
-// down, the prober lets one attempt at a time through.
+// an entry whose last attempt failed, or was refused over its connection
+// limit, is skipped until its next probe is due, if another entry follows
+// it. While the only (or last) entry is down, the prober lets one attempt
+// at a time through; while it is full, one attempt at a time, and the
+// others wait for it.
 func (p *Pool) connect(ctx context.Context) (*session, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // TryAcquire's background dial: nothing to do, nothing to count
+	}
+	// puddle runs the constructor with a context that the acquirer's end
+	// does not cancel, so that a dial under way is not wasted; a wait for
+	// a probe is, when the acquirer gives up.
+	wait := ctx
+	if a, ok := ctx.Value(acquirerKey{}).(context.Context); ok {
+		w, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		stop := context.AfterFunc(a, func() { cancel(context.Cause(a)) })
+		defer stop()
+		wait = w
 	}
 	var err error
 	for i, u := range p.upstreams {
 		last := i == len(p.upstreams)-1
 		var s *session
-		s, err = u.probe.dial(ctx, func(ctx context.Context) (*session, error) { return p.setUp(ctx, u) }, !last)
+		s, err = u.probe.dial(ctx, wait, func(ctx context.Context) (*session, error) { return p.setUp(ctx, u) }, !last)
 		if err == nil {
 			return s, nil
 		}
-		if ctx.Err() != nil {
+		if wait.Err() != nil {
 			return nil, err
 		}
-		if !last && !errors.Is(err, ErrUpstreamDown) {
+		if !last && !errors.Is(err, ErrUpstreamDown) && !errors.Is(err, errBackingOff) {
 			p.log.Warn("upstream entry failed; failing over to the next", "upstream", u.addr, "next", p.upstreams[i+1].addr, "err", err)
 		}
 	}
