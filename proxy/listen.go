@@ -37,6 +37,16 @@ type Listener struct {
 
 	refusing           atomic.Int32 // refused connections lingering now
 	denied, overloaded refusalLog
+
+	departures departures // notices waiting clients that leave
+}
+
+// Close stops accepting. Connections already accepted stay open; their
+// watches work until they end.
+func (l *Listener) Close() error {
+	err := l.Listener.Close()
+	l.departures.close()
+	return err
 }
 
 // ListenConfig says who may connect to a Listener. Every field has a
@@ -232,6 +242,7 @@ func (l *Listener) CloseConnections() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for c := range l.conns {
+		l.departures.closing(c)
 		c.Conn.Close() // the socket only: a stalled flush must not hold this up
 	}
 }
@@ -319,6 +330,8 @@ type clientConn struct {
 	hungUp  atomic.Bool  // see hangUp
 	closing atomic.Bool  // Close was called
 	reading atomic.Int32 // reads of the connection in progress, the server's or a watch's
+
+	watchID int32 // the Listener's departures watch in force, 0 for none; guarded by departures.mu
 }
 
 // clientConnOf returns the clientConn under a go-smtp connection's
@@ -441,11 +454,26 @@ func (c *clientConn) restoreReadDeadline() {
 // the connection.
 func (c *clientConn) hangUp() { c.hungUp.Store(true) }
 
-// watch reads the connection in the server's place until stop is called,
-// and calls gone if the client closes the connection or it fails meanwhile.
-// It must be called only while the server is not reading, from the
-// server's goroutine (inside a go-smtp callback).
+// watch notices, until stop is called, a client that closes the
+// connection or resets it, and then calls gone (unless the client
+// pipelined its session up to QUIT). It must be called only while the
+// server is not reading, from the server's goroutine (inside a go-smtp
+// callback). On Linux it costs no goroutine while the client stays (see
+// departures); elsewhere, or if that fails, it reads (readWatch).
 func (c *clientConn) watch(gone func()) (stop func()) {
+	if !c.closing.Load() {
+		if stop, err := c.l.departures.watch(c, gone); err == nil {
+			return stop
+		}
+	}
+	return c.readWatch(gone)
+}
+
+// readWatch reads the connection in the server's place until stop is
+// called, and calls gone if the client closes the connection or it fails
+// meanwhile. What it reads is kept for the server's next Read. It must be
+// called only while the server is not reading.
+func (c *clientConn) readWatch(gone func()) (stop func()) {
 	var stopping atomic.Bool
 	done := make(chan struct{})
 	c.reading.Add(1)
@@ -534,6 +562,7 @@ func (c *clientConn) Close() error {
 	c.wmu.Unlock()
 	tc, ok := c.Conn.(*net.TCPConn)
 	if !ok || c.eof.Load() || c.reading.Load() > 0 {
+		c.l.departures.closing(c)
 		c.l.forget(c)
 		return c.Conn.Close()
 	}

@@ -77,7 +77,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if tx.tryAcquire() && tx.up.Pipelining() {
 		// An idle session, and MAIL held for the first RCPT: nothing to
 		// wait for, so no need to watch the client meanwhile (which costs
-		// a goroutine and a read).
+		// system calls).
 		err = relayMail()
 	} else {
 		err = s.watching(tx, relayMail)
@@ -149,8 +149,8 @@ func (s *session) Data(r io.Reader) error {
 		// a client that leaves by calling Logout.
 		run = func(_ *transaction, f func() error) error { return f() }
 	}
-	// Watching the client costs a goroutine and a read: only steps that
-	// may wait are watched.
+	// Watching the client costs system calls: only steps that may wait
+	// are watched.
 	if !tx.tryReserveBuffer() {
 		if err := run(tx, tx.reserveBuffer); err != nil {
 			return err

@@ -161,17 +161,26 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 			delay = b.cfg.RetryBackoffMax // the upstream asked to slow down
 		}
 		delay = min(delay, w.left(b.cfg.RetryTimeout))
-		if errors.Is(err, pool.ErrNoReply) {
-			b.log.Warn("upstream lost its reply to a whole message; sending it again, which may deliver it twice",
-				"client", tx.s.client, "upstream_conn", tx.upID, "ambiguous", true)
-		}
-		b.log.Debug("transient upstream failure, retrying", "client", tx.s.client,
-			"command", string(cmd), "failures", tx.failures, "delay", delay.String(),
-			"same_session", v.sameSession, "err", err, "ambiguous", errors.Is(err, pool.ErrNoReply))
+		tx.logRetry(cmd, err, delay, v.sameSession)
 		if !sleep(tx.ctx, delay) {
 			return tx.stopped()
 		}
 	}
+}
+
+// logRetry logs a transient failure about to be retried. Like logWaited,
+// it is never inlined, so that its frame is not on every relay's stack.
+//
+//go:noinline
+func (tx *transaction) logRetry(cmd command, err error, delay time.Duration, sameSession bool) {
+	b := tx.s.b
+	if errors.Is(err, pool.ErrNoReply) {
+		b.log.Warn("upstream lost its reply to a whole message; sending it again, which may deliver it twice",
+			"client", tx.s.client, "upstream_conn", tx.upID, "ambiguous", true)
+	}
+	b.log.Debug("transient upstream failure, retrying", "client", tx.s.client,
+		"command", string(cmd), "failures", tx.failures, "delay", delay.String(),
+		"same_session", sameSession, "err", err, "ambiguous", errors.Is(err, pool.ErrNoReply))
 }
 
 // Where a try failed.
@@ -282,9 +291,8 @@ func (tx *transaction) acquire() (*pool.Conn, error) {
 	case err == nil:
 		waited := time.Since(start)
 		b.cfg.Observer.AcquireWaited(waited)
-		if waited > time.Second && b.log.Enabled(context.Background(), slog.LevelDebug) {
-			b.log.Debug("waited for an upstream session", "client", tx.s.client,
-				"waited", waited.Round(time.Millisecond).String(), "pool", b.pool.Stat())
+		if waited > time.Second {
+			tx.logWaited(waited)
 		}
 		return c, nil
 	case tx.ctx.Err() != nil:
@@ -294,6 +302,20 @@ func (tx *transaction) acquire() (*pool.Conn, error) {
 		return nil, errBusy
 	}
 	return nil, fmt.Errorf("%w: %w", errSetup, err)
+}
+
+// logWaited logs a long wait for an upstream session, at debug. It is a
+// function of its own, never inlined, so that its frame (the log
+// attributes, the pool's Stat) is not part of the stack of every
+// transaction that waits: a waiting client's stack then stays small.
+//
+//go:noinline
+func (tx *transaction) logWaited(waited time.Duration) {
+	b := tx.s.b
+	if b.log.Enabled(context.Background(), slog.LevelDebug) {
+		b.log.Debug("waited for an upstream session", "client", tx.s.client,
+			"waited", waited.Round(time.Millisecond).String(), "pool", b.pool.Stat())
+	}
 }
 
 // sendEnvelope sends the transaction so far, MAIL and the accepted

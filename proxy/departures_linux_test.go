@@ -1,0 +1,117 @@
+//go:build linux
+
+package proxy_test
+
+import (
+	"context"
+	"net"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
+	"github.com/smtppool/smtppool/proxy"
+)
+
+// waitingClients opens n clients to addr that each send EHLO and MAIL at
+// once and then wait for an upstream session of e's pool (the test holds
+// the only one), and returns them once all wait.
+func waitingClients(t *testing.T, e *testEnv, addr string, n int) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, 0, n)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		if _, err := c.Write([]byte("EHLO waiter.test\r\nMAIL FROM:<app@example.com>\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	memsmtp.WaitFor(t, "every client to wait for the upstream session", func() bool { return e.pool.Stat().PendingAcquires == int32(n) })
+	return conns
+}
+
+// TestWaitingClientCostsOneGoroutine: a client waiting for an upstream
+// session costs its connection's goroutine and nothing more; the proxy
+// still notices when it leaves (TestClientsThatLeaveWhileWaitingDoNotUseTheUpstream).
+// The code before watched each waiting client with a goroutine of its own,
+// reading its connection into a 4 KiB buffer: two goroutines per client.
+func TestWaitingClientCostsOneGoroutine(t *testing.T) {
+	const n = 300
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+	holder := holdSession(t, e)
+	before := runtime.NumGoroutine()
+	waitingClients(t, e, e.addr, n)
+	if extra := runtime.NumGoroutine() - before; extra > n+20 {
+		t.Errorf("%d clients waiting for an upstream session run %d more goroutines, want about one each", n, extra)
+	}
+	finish(t, holder, "user@example.com", message("held"))
+}
+
+// TestClientThatResetsWhileWaitingLeavesTheQueue: a client that aborts its
+// connection (a reset, not a close) while it waits for an upstream session
+// stops waiting at once and never reaches the upstream.
+func TestClientThatResetsWhileWaitingLeavesTheQueue(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+	holder := holdSession(t, e)
+	conns := waitingClients(t, e, e.addr, 3)
+	for _, c := range conns {
+		c.(*net.TCPConn).SetLinger(0) // Close sends a reset
+		c.Close()
+	}
+	memsmtp.WaitFor(t, "the reset clients to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+	finish(t, holder, "user@example.com", message("held"))
+	if n := e.up.Stats().Commands["MAIL"]; n != 1 {
+		t.Errorf("upstream saw %d MAIL, want only the holder's", n)
+	}
+}
+
+// TestClosingTheServerEndsTheWaits: when the server closes the connections
+// of clients that wait for an upstream session, they stop waiting at once,
+// not at the acquire timeout, and the watching machinery stops with the
+// listener.
+func TestClosingTheServerEndsTheWaits(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}, proxy: proxy.Config{AcquireTimeout: time.Minute}})
+	holdSession(t, e)
+	waitingClients(t, e, e.addr, 20)
+	start := time.Now()
+	e.srv.Close()
+	memsmtp.WaitFor(t, "the waiting clients to stop waiting", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the waits ended %v after the server closed", took)
+	}
+	memsmtp.WaitFor(t, "the departures loop to end with the listener", func() bool {
+		buf := make([]byte, 1<<20)
+		return !strings.Contains(string(buf[:runtime.Stack(buf, true)]), "(*departures).loop")
+	})
+}
+
+// TestClosingConnectionsEndsTheWaits: a shutdown's CloseConnections, which
+// closes the sockets under the SMTP server, ends the waits of the clients
+// whose connections it closes at once, as a client that left would (the
+// epoll registration goes with the socket, without an event).
+func TestClosingConnectionsEndsTheWaits(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+	holdSession(t, e)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	srv := proxy.NewServer(ctx, e.pool, proxy.Config{AcquireTimeout: time.Minute})
+	ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	waitingClients(t, e, ln.Addr().String(), 20)
+	ln.CloseConnections()
+	memsmtp.WaitFor(t, "the waits to end once their connections were closed", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+}
