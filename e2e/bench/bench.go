@@ -33,8 +33,10 @@ type plan struct {
 
 	latencyPairs int
 
-	// Measurement 8: clients in the burst, and upstream sessions.
+	// Measurement 8: clients in the burst, upstream sessions, and the
+	// memory limit of the second run's cgroup (bytes).
 	burstClients, burstN int
+	burstLimit           int64
 
 	// Measurement 7: sessions of each relay, messages per burst, rounds,
 	// and messages per one-session run at RTT 0 (halved at 5 ms, again at
@@ -63,7 +65,7 @@ func fullPlan() plan {
 		inflightK:   200, inflightBytes: 256 << 10, inflightDelay: 3,
 		latencyPairs: 500,
 		netN:         10, netMessages: 1000, netRounds: 3, netSingle: 400,
-		burstClients: 10_000, burstN: 10,
+		burstClients: 10_000, burstN: 10, burstLimit: 320 << 20,
 	}
 }
 
