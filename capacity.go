@@ -207,7 +207,7 @@ type capacity struct {
 	openFiles   int64 // the open-files limit; 0 if unknown
 	fileCap     int   // the most client connections the open-files limit allows; 0 if unknown
 
-	warning string // for the log: an explicit cap beyond what memory or files allow
+	warnings []string // for the log: an explicit cap beyond what memory or files allow, a buffer budget below the sessions
 }
 
 // systemCapacity is planCapacity for this process: its cgroup's memory
@@ -244,6 +244,12 @@ func systemCapacity(cfg config, environ []string, logger *slog.Logger) (capacity
 // if unknown).
 func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet bool, openFiles int64) (capacity, error) {
 	c := capacity{container: container, bufferBytes: cfg.bufferBudget(), openFiles: openFiles}
+	if held := c.bufferBytes / max(cfg.MaxMessageBytes, 1); held < int64(cfg.MaxConns) {
+		c.warn("SMTPPOOL_MAX_BUFFER_BYTES (%s) holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES, fewer than the %d upstream sessions of SMTPPOOL_MAX_CONNS: "+
+			"in a burst, a transaction that finds no buffer space gives its session back and queues again behind every waiting client, "+
+			"and much of the burst can time out; set it to at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (%s)",
+			formatBytes(c.bufferBytes), held, cfg.MaxConns, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
+	}
 	switch {
 	case goLimitSet && goLimit > 0 && goLimit < math.MaxInt64:
 		c.usable = memoryLimit{bytes: goLimit, source: "GOMEMLIMIT"}
@@ -267,11 +273,11 @@ func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet b
 		c.clientConns, c.limitedBy = cfg.MaxClientConns, "SMTPPOOL_MAX_CLIENT_CONNS"
 		switch {
 		case c.usable.bytes > 0 && cfg.MaxClientConns > memCap:
-			c.warning = fmt.Sprintf("SMTPPOOL_MAX_CLIENT_CONNS is %d, but the memory limit (%s, %s) holds about %d waiting clients "+
+			c.warn("SMTPPOOL_MAX_CLIENT_CONNS is %d, but the memory limit (%s, %s) holds about %d waiting clients "+
 				"after the message buffer budget (%s): a burst that large may exceed it",
 				cfg.MaxClientConns, formatBytes(c.usable.bytes), c.usable.source, memCap, formatBytes(c.bufferBytes))
 		case c.fileCap > 0 && cfg.MaxClientConns > c.fileCap:
-			c.warning = fmt.Sprintf("SMTPPOOL_MAX_CLIENT_CONNS is %d, but the open-files limit (%d) allows about %d client connections: "+
+			c.warn("SMTPPOOL_MAX_CLIENT_CONNS is %d, but the open-files limit (%d) allows about %d client connections: "+
 				"raise it (ulimit -n) or a burst that large gets connections refused by the kernel", cfg.MaxClientConns, openFiles, c.fileCap)
 		}
 		return c, nil
@@ -289,6 +295,11 @@ func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet b
 		c.clientConns, c.limitedBy = max(c.fileCap, 1), "open files"
 	}
 	return c, nil
+}
+
+// warn adds a warning for the start-up log.
+func (c *capacity) warn(format string, args ...any) {
+	c.warnings = append(c.warnings, fmt.Sprintf(format, args...))
 }
 
 // bufferBudget is the memory for messages buffered at once:

@@ -181,15 +181,25 @@ func TestDerivedClientCap(t *testing.T) {
 	})
 	t.Run("explicit cap", func(t *testing.T) {
 		c, err := planCapacity(k8sConfig(t, "SMTPPOOL_MAX_CLIENT_CONNS=20000"), container, 0, false, 1<<20)
-		if err != nil || c.clientConns != 20000 || c.derived || !strings.Contains(c.warning, "SMTPPOOL_MAX_CLIENT_CONNS is 20000") {
-			t.Errorf("cap %d, derived %v, warning %q, err %v; want 20000 kept, with a warning that memory holds fewer", c.clientConns, c.derived, c.warning, err)
+		if err != nil || c.clientConns != 20000 || c.derived || len(c.warnings) != 1 || !strings.Contains(c.warnings[0], "SMTPPOOL_MAX_CLIENT_CONNS is 20000") {
+			t.Errorf("cap %d, derived %v, warnings %q, err %v; want 20000 kept, with a warning that memory holds fewer", c.clientConns, c.derived, c.warnings, err)
 		}
 		if !c.setGoLimit {
 			t.Errorf("GOMEMLIMIT not set from the container's limit with an explicit cap")
 		}
 		c, err = planCapacity(k8sConfig(t, "SMTPPOOL_MAX_CLIENT_CONNS=3000"), memoryLimit{}, 0, false, 1024)
-		if err != nil || c.clientConns != 3000 || !strings.Contains(c.warning, "open-files limit") {
-			t.Errorf("cap %d, warning %q, err %v; want 3000 kept, with a warning about the open-files limit", c.clientConns, c.warning, err)
+		if err != nil || c.clientConns != 3000 || len(c.warnings) != 1 || !strings.Contains(c.warnings[0], "open-files limit") {
+			t.Errorf("cap %d, warnings %q, err %v; want 3000 kept, with a warning about the open-files limit", c.clientConns, c.warnings, err)
+		}
+	})
+	t.Run("a buffer budget below the sessions", func(t *testing.T) {
+		if c, _ := planCapacity(defaults, memoryLimit{}, 0, false, 1<<20); len(c.warnings) != 0 {
+			t.Errorf("64 MiB for 5 sessions of 10 MiB messages: warnings %q, want none", c.warnings)
+		}
+		c, err := planCapacity(k8sConfig(t, "SMTPPOOL_MAX_CONNS=10"), memoryLimit{}, 0, false, 1<<20)
+		if err != nil || len(c.warnings) != 1 || !strings.HasPrefix(c.warnings[0], "SMTPPOOL_MAX_BUFFER_BYTES (64 MiB) holds 6 messages") ||
+			!strings.Contains(c.warnings[0], "at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (100 MiB)") {
+			t.Errorf("64 MiB for 10 sessions of 10 MiB messages: warnings %q, err %v; want one naming SMTPPOOL_MAX_BUFFER_BYTES and 100 MiB", c.warnings, err)
 		}
 	})
 	t.Run("a limit too small for the buffer budget", func(t *testing.T) {

@@ -124,8 +124,8 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	defer stopAdmin()
 	logger.Info("smtppool listening", "addr", ln.Addr().String(), "demo", demo, "version", version, "config", cfg)
 	logger.Info("client capacity", "capacity", capa)
-	if capa.warning != "" {
-		logger.Warn(capa.warning)
+	for _, w := range capa.warnings {
+		logger.Warn(w)
 	}
 	if w := cfg.accessWarning(); w != "" {
 		logger.Warn(w)
