@@ -71,7 +71,7 @@ func (d *departures) watch(c *clientConn, gone func()) (stop func(), err error) 
 		d.watches = map[int32]*departure{}
 	}
 	d.next++
-	for d.watches[d.next] != nil {
+	for d.next == 0 || d.watches[d.next] != nil { // 0 is no watch
 		d.next++
 	}
 	id, epfd := d.next, d.epfd
