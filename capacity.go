@@ -278,7 +278,7 @@ func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet b
 				cfg.MaxClientConns, formatBytes(c.usable.bytes), c.usable.source, memCap, formatBytes(c.bufferBytes))
 		case c.fileCap > 0 && cfg.MaxClientConns > c.fileCap:
 			c.warn("SMTPPOOL_MAX_CLIENT_CONNS is %d, but the open-files limit (%d) allows about %d client connections: "+
-				"raise it (ulimit -n) or a burst that large gets connections refused by the kernel", cfg.MaxClientConns, openFiles, c.fileCap)
+				"beyond them, accepting fails (too many open files) and clients wait in the kernel's backlog or are refused by it; raise the hard limit (ulimit -Hn, LimitNOFILE=)", cfg.MaxClientConns, openFiles, c.fileCap)
 		}
 		return c, nil
 	}
