@@ -209,7 +209,9 @@ func isReplyCode(err error, code int) bool {
 // one write and one reply for a message of up to 64 KiB; otherwise as
 // DATA, the message after the 354, then the final dot. When the
 // connection fails after the whole message was written and before the
-// reply, the error wraps ErrNoReply.
+// reply, or the reply has no code, the error wraps ErrNoReply. A reply
+// that breaks the protocol but has a code (a line over 2,000 bytes,
+// "250ok") counts by its code, and the session is closed when released.
 func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error) {
 	s := c.res.Value()
 	defer s.bind(ctx)()

@@ -16,9 +16,11 @@ var (
 // ErrClosed is returned by Acquire once Close has been called.
 var ErrClosed = errors.New("pool closed")
 
-// ErrNoReply means the connection failed after the whole message, final dot
-// included, was written, and before the upstream's reply arrived. The
-// upstream may or may not have accepted the message.
+// ErrNoReply means the whole message, final dot or last chunk included,
+// was written and no readable reply came: the connection failed first, or
+// the reply had no reply code. The upstream may or may not have accepted
+// the message. (A reply that breaks the protocol but has a code, such as
+// one with a line over the limit, is the upstream's verdict.)
 var ErrNoReply = errors.New("connection lost after the end of the message, before the reply")
 
 // ErrAfterMessage wraps the upstream's refusal of a message that was

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/emersion/go-smtp"
@@ -17,9 +18,10 @@ var classifyCommands = []command{cmdMail, cmdRcpt, cmdData, ""}
 // Whatever the reply, classify must not panic and must give the client a
 // 4xx or 5xx reply of its own (never the caller's error value, never 2xx
 // or 3xx), and:
-//   - an upstream 5xx is never retried; it reaches the client as it is,
-//     unless it came from setting up a session (then 451 4.3.5: the
-//     operator's to fix);
+//   - an upstream 5xx is never retried; it reaches the client as it is
+//     (each line of its text cut to maxClientText bytes), unless it came
+//     from setting up a session (then 451 4.3.5: the operator's to fix);
+//   - no line of the client's reply text is longer than maxClientText;
 //   - 452 to RCPT, and 452 4.5.3 to anything, are passed on at once;
 //   - any other 4xx is retried (421 reaching the client as 451), on the
 //     same session only for RCPT;
@@ -80,6 +82,11 @@ func FuzzClassify(f *testing.F) {
 		if v.reply == upstream {
 			t.Errorf("classify returned the upstream's error value itself, not a reply of its own")
 		}
+		for _, line := range strings.Split(v.reply.Message, "\n") {
+			if len(line) > maxClientText {
+				t.Errorf("classify(%q, %v): a reply line of %d bytes for the client, over %d", cmd, err, len(line), maxClientText)
+			}
+		}
 		if v.reply.Code < 400 || v.reply.Code > 599 {
 			t.Errorf("classify(%q, %v): client reply %d, want 4xx or 5xx", cmd, err, v.reply.Code)
 		}
@@ -97,8 +104,8 @@ func FuzzClassify(f *testing.F) {
 			t.Errorf("classify(%q, %v) retries a %d", cmd, err, code)
 		case permanent && setup && *v.reply != *replyMisconfigured:
 			t.Errorf("classify(%q, %v) = %+v, want the misconfiguration reply %+v", cmd, err, *v.reply, *replyMisconfigured)
-		case permanent && !setup && (v.reply.Code != code || v.reply.EnhancedCode != upstream.EnhancedCode || v.reply.Message != msg):
-			t.Errorf("classify(%q, %v) = %+v, want the upstream's %d as it is", cmd, err, *v.reply, code)
+		case permanent && !setup && (v.reply.Code != code || v.reply.EnhancedCode != upstream.EnhancedCode || v.reply.Message != clientText(msg)):
+			t.Errorf("classify(%q, %v) = %+v, want the upstream's %d as it is, each line cut to %d bytes", cmd, err, *v.reply, code, maxClientText)
 		case passedOn && (v.retry || v.reply.Code != 452):
 			t.Errorf("classify(%q, %v) = %+v, retry %v; want 452 passed on, not retried", cmd, err, *v.reply, v.retry)
 		case code >= 400 && code <= 499 && !passedOn && !v.retry:

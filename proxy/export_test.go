@@ -18,3 +18,7 @@ func ReservedPeak(srv *smtp.Server) int64 {
 func OnHeldPastTimeout(srv *smtp.Server, f func(time.Duration)) {
 	srv.Backend.(*backend).heldPastTimeout.Store(&f)
 }
+
+// ReplyLostTwice is the reply to a message whose resend lost its reply
+// too, after its first sending had: it may have been delivered.
+var ReplyLostTwice = replyLostTwice

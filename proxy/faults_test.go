@@ -44,6 +44,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -456,6 +457,28 @@ func TestUpstreamFaults(t *testing.T) {
 			inject: func(r *rig) { r.up.Inject(memsmtp.Data, memsmtp.Fault{Drop: true}) }},
 		{name: "drop after the final dot, before the reply", wantCode: 250, wantConns: 2, wantCopies: 2, wantRetry: "no_reply",
 			inject: func(r *rig) { r.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Drop: true}) }},
+		// Issue 16, item 3: an upstream that keeps every message and
+		// drops the connection before its reply got 34 copies of one.
+		// The message is sent once more, never a third time.
+		{name: "drop after the final dot, every time", wantCode: 451, wantConns: 2, wantCopies: 2, wantRetry: "no_reply",
+			inject: func(r *rig) {
+				r.up.Inject(memsmtp.Data, memsmtp.Repeat(memsmtp.Fault{Deliver: true, Drop: true}, 5)...)
+			}},
+		{name: "drop after the final dot, then the resend refused", wantCode: 451, wantConns: 2, wantCopies: 1, wantRetry: "no_reply",
+			inject: func(r *rig) {
+				r.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Drop: true},
+					memsmtp.Fault{Reply: reply(451, [3]int{4, 3, 0}, "Queue write failed")})
+			}},
+		// A final reply with a line over the limit arrived: it is the
+		// upstream's verdict, not a lost reply (9 copies in 20 s before).
+		{name: "250 over the line limit after the final dot", wantCode: 250, wantConns: 1, wantCopies: 1,
+			inject: func(r *rig) {
+				r.up.Inject(memsmtp.Data, memsmtp.Fault{Deliver: true, Reply: reply(250, [3]int{2, 0, 0}, "Ok: queued as "+strings.Repeat("x", 2100))})
+			}},
+		{name: "554 over the line limit after the final dot", wantCode: 554, wantConns: 1, wantCopies: 0,
+			inject: func(r *rig) {
+				r.up.Inject(memsmtp.Data, memsmtp.Fault{Reply: reply(554, [3]int{5, 7, 1}, "Refused "+strings.Repeat("x", 2100))})
+			}},
 		{name: "421 to MAIL", wantCode: 250, wantConns: 2, wantCopies: 1, wantRetry: "reply_421",
 			inject: func(r *rig) {
 				r.up.Inject(memsmtp.Mail, memsmtp.Fault{Reply: reply(421, [3]int{4, 4, 2}, "Idle timeout")})
@@ -937,8 +960,10 @@ func newReader(conn net.Conn) *textproto.Reader { return textproto.NewReader(buf
 // one connection per message, the upstream drops every open connection,
 // at whatever point each has reached, after every second message it keeps
 // (and a random pause, so that the drops fall anywhere). Every message is
-// acknowledged, and every duplicate is the ambiguous case (checked by the
-// rig). Pacing the drops by the upstream's progress rather than by the
+// acknowledged, except one whose reply was lost twice (the whole message
+// sent, then the connection dropped, and again on the resend), which gets
+// 451 and is never sent a third time; every duplicate is the ambiguous
+// case (checked by the rig). Pacing the drops by the upstream's progress rather than by the
 // clock keeps the test meaningful and passing on a loaded machine.
 func TestUpstreamDropsUnderLoad(t *testing.T) {
 	const clients, each = 10, 10
@@ -972,6 +997,7 @@ func TestUpstreamDropsUnderLoad(t *testing.T) {
 		}
 	}()
 	var wg sync.WaitGroup
+	var lostTwice atomic.Int64
 	for g := range clients {
 		wg.Add(1)
 		go func() {
@@ -986,6 +1012,11 @@ func TestUpstreamDropsUnderLoad(t *testing.T) {
 				err = send(c, "app@example.com", []string{"user@example.com"}, padded(id, 4<<10))
 				r.ledger.record(id, err)
 				c.Close()
+				var se *smtp.SMTPError
+				if errors.As(err, &se) && *se == *proxy.ReplyLostTwice {
+					lostTwice.Add(1)
+					continue
+				}
 				if err != nil {
 					t.Errorf("%s: %v", id, err)
 				}
@@ -994,8 +1025,8 @@ func TestUpstreamDropsUnderLoad(t *testing.T) {
 	}
 	wg.Wait()
 	close(stop)
-	t.Logf("upstream dropped all its connections %d times; %d upstream connections; retries: %v",
-		<-dropped, r.up.Stats().Conns, r.retries)
+	t.Logf("upstream dropped all its connections %d times; %d upstream connections; retries: %v; %d messages lost their reply twice",
+		<-dropped, r.up.Stats().Conns, r.retries, lostTwice.Load())
 	if r.retries.count("connection")+r.retries.count("no_reply") == 0 {
 		t.Error("no retry after a dropped connection: the faults missed the transactions")
 	}

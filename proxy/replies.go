@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/emersion/go-smtp"
 
@@ -31,6 +33,8 @@ var (
 		Message: "Upstream refused on a retry what it had accepted; try the whole message again later"}
 	replyMaybeDelivered = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Upstream refused a resend of a message whose first sending it may have kept; see smtppool's log"}
+	replyLostTwice = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 0},
+		Message: "Upstream lost its reply to the message twice; it may have been delivered; see smtppool's log"}
 	replyBadArgument = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
 		Message: "Address contains CR, LF or NUL"}
 	replyChunkingUnverifiable = &smtp.SMTPError{Code: 502, EnhancedCode: smtp.EnhancedCode{5, 5, 1},
@@ -117,7 +121,7 @@ func classify(cmd command, err error) verdict {
 		return verdict{reply: replyBadArgument}
 	case errors.Is(err, pool.ErrQuota) && errors.As(err, &smtpErr):
 		// The day's quota is spent: pass the reply on, no retry storm.
-		return verdict{reply: &smtp.SMTPError{Code: smtpErr.Code, EnhancedCode: smtpErr.EnhancedCode, Message: smtpErr.Message}}
+		return verdict{reply: &smtp.SMTPError{Code: smtpErr.Code, EnhancedCode: smtpErr.EnhancedCode, Message: clientText(smtpErr.Message)}}
 	case errors.Is(err, pool.ErrCapLowered) && !errors.Is(err, pool.ErrUpstreamDown):
 		return verdict{reply: replyUnavailable, retry: true, now: true, free: true}
 	case errors.As(err, &smtpErr) && errors.Is(err, errSetup) && smtpErr.Code >= 500:
@@ -133,7 +137,7 @@ func classify(cmd command, err error) verdict {
 
 // classifyReply judges an upstream reply to cmd.
 func classifyReply(cmd command, e *smtp.SMTPError) verdict {
-	reply := &smtp.SMTPError{Code: e.Code, EnhancedCode: e.EnhancedCode, Message: e.Message}
+	reply := &smtp.SMTPError{Code: e.Code, EnhancedCode: e.EnhancedCode, Message: clientText(e.Message)}
 	switch {
 	case e.Code >= 500 && e.Code < 600:
 		// A refused recipient leaves the rest of the transaction intact.
@@ -173,4 +177,30 @@ func retryReason(err error) string {
 		return "connect"
 	}
 	return "connection"
+}
+
+// maxClientText bounds each line of an upstream's reply text passed on to
+// a client, so that the reply line, code and enhanced code included, stays
+// within RFC 5321's 512 octets: a client with a line limit (go-smtp's is
+// 2,000 bytes) must hear the verdict, not fail to read it.
+const maxClientText = 480
+
+// clientText is an upstream reply's text as a client may be sent it: each
+// line cut to maxClientText bytes, at a character boundary.
+func clientText(text string) string {
+	if len(text) <= maxClientText {
+		return text
+	}
+	lines := strings.Split(text, "\n")
+	for i, l := range lines {
+		if len(l) <= maxClientText {
+			continue
+		}
+		cut := maxClientText
+		for cut > 0 && !utf8.RuneStart(l[cut]) {
+			cut--
+		}
+		lines[i] = l[:cut]
+	}
+	return strings.Join(lines, "\n")
 }

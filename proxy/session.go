@@ -297,7 +297,7 @@ func acceptedReply(upstream string) *smtp.SMTPError {
 		reply.EnhancedCode, text = code, rest
 	}
 	if text != "" {
-		reply.Message = text
+		reply.Message = clientText(text)
 	}
 	return reply
 }

@@ -1,12 +1,17 @@
 package proxy_test
 
 import (
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/emersion/go-smtp"
+
+	"github.com/smtppool/smtppool/internal/memsmtp"
 	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
@@ -65,5 +70,62 @@ func TestStrayReplyInALaterPacket(t *testing.T) {
 				t.Errorf("upstream accepted %d connections, want 2: the session with the stray reply retired", n)
 			}
 		})
+	}
+}
+
+// TestLostAndMalformedFinalReplies: issue 16, item 3, on a raw socket. An
+// upstream that keeps every message and drops the connection before its
+// reply got 34 copies of one in two minutes: now it gets the message
+// twice, and the client 451 4.4.0. A final reply that arrived, with a
+// line over the limit or not in the form of a reply line, is the
+// upstream's verdict: a 250 is delivered (9 copies in 20 s before), a 554
+// refused, and the session is not used again.
+func TestLostAndMalformedFinalReplies(t *testing.T) {
+	long := strings.Repeat("x", 2100)
+	tests := []struct {
+		name      string
+		verdict   string // "" drops the connection after keeping the message
+		wantCode  int
+		wantKept  int
+		wantConns int
+	}{
+		{"dropped before every reply", "", 451, 2, 2},
+		{"250 and a line over the limit", "250 2.0.0 Ok: queued as " + long, 250, 1, 1},
+		{"250 run into 2,100 bytes", "250" + long, 250, 1, 1},
+		{"554 and a line over the limit", "554 5.7.1 Refused " + long, 554, 0, 1},
+	}
+	for _, tt := range tests {
+		for _, chunking := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
+				u := startRawUpstream(t, &rawUpstream{
+					chunking: chunking,
+					verdict:  func(int, string) string { return tt.verdict },
+				})
+				e := newRawEnv(t, u, pool.Config{MaxConns: 2}, proxy.Config{})
+				c := e.dial(t)
+				err := send(c, "app@example.com", []string{"user@example.com"}, message("final"))
+				var se *smtp.SMTPError
+				switch {
+				case codeOf(err) != tt.wantCode:
+					t.Errorf("client got %d (%v), want %d", codeOf(err), err, tt.wantCode)
+				case tt.wantCode == 451 && (!errors.As(err, &se) || *se != *proxy.ReplyLostTwice):
+					t.Errorf("client got %v, want %v", err, proxy.ReplyLostTwice)
+				case tt.wantCode == 554 && (!errors.As(err, &se) || len(se.Message) > 480):
+					t.Errorf("client got %v, want the upstream's 554 with its text cut to 480 bytes", err)
+				}
+				if n := len(u.Kept()); n != tt.wantKept {
+					t.Errorf("upstream kept the message %d times, want %d", n, tt.wantKept)
+				}
+				if n := u.Conns(); n != tt.wantConns {
+					t.Errorf("upstream accepted %d connections, want %d", n, tt.wantConns)
+				}
+				memsmtp.WaitFor(t, "the session to be given back", func() bool { return e.pool.Stat().AcquiredConns == 0 })
+				if tt.verdict != "" {
+					// The session that got a reply breaking the protocol
+					// is closed, not kept for the next message.
+					memsmtp.WaitFor(t, "the session to be closed", func() bool { return e.pool.Stat().TotalConns == 0 })
+				}
+			})
+		}
 	}
 }

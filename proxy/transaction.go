@@ -72,10 +72,13 @@ type transaction struct {
 	// (pool.ErrNoReply), or got a 4xx for it (pool.ErrAfterMessage): the
 	// upstream may already hold a copy.
 	sentUnanswered bool
-	finalReply     *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
-	outcome        string          // for the log: delivered, rejected, failed, abandoned, ...
-	lastCode       int             // the client's last reply code, for the log
-	upstreamText   string          // the upstream's reply to the message, with its queue id
+	// lostReply says a try sent the whole message and got no readable
+	// reply (pool.ErrNoReply): the message is sent at most once more.
+	lostReply    bool
+	finalReply   *smtp.SMTPError // set when the transaction cannot succeed: every later command gets it
+	outcome      string          // for the log: delivered, rejected, failed, abandoned, ...
+	lastCode     int             // the client's last reply code, for the log
+	upstreamText string          // the upstream's reply to the message, with its queue id
 }
 
 type recipient struct {
@@ -358,6 +361,21 @@ func (tx *transaction) judge(cmd command, where stage, err error) verdict {
 	judged := cmd
 	if where == stageMail {
 		judged = cmdMail // a held MAIL's verdict, reported at RCPT
+	}
+	wholeSent := errors.Is(err, pool.ErrNoReply) || errors.Is(err, pool.ErrAfterMessage)
+	if wholeSent && tx.lostReply {
+		// This try was the one resend after a lost reply, and it did not
+		// deliver: the upstream may hold the first copy, and never gets
+		// a third. A refusal must not tell the client that nothing was
+		// delivered.
+		tx.finalReply = replyMaybeDelivered
+		if errors.Is(err, pool.ErrNoReply) {
+			tx.finalReply = replyLostTwice
+		}
+		return verdict{reply: tx.finalReply}
+	}
+	if errors.Is(err, pool.ErrNoReply) {
+		tx.lostReply = true
 	}
 	if tx.offered.couldTake(err, tx.opts.Size) {
 		// This session's entry (a failover entry, say) lacks an extension
@@ -669,8 +687,10 @@ func resultOf(outcome string, lastCode int) string {
 	return "abandoned"
 }
 
+// logFailure logs the failure the client is told of. ambiguous says the
+// upstream may hold a copy of the message whose reply it lost.
 func (tx *transaction) logFailure(cmd command, err error, reply *smtp.SMTPError) {
 	tx.s.b.log.Warn("upstream failure, client told", "client", tx.s.client, "command", string(cmd),
 		"attempts", tx.attempts, "reply", reply.Code, "err", tx.s.b.masked(err.Error()),
-		"ambiguous", errors.Is(err, pool.ErrNoReply))
+		"ambiguous", tx.lostReply)
 }

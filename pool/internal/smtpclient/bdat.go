@@ -53,11 +53,13 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 	// answer reads the reply to the oldest unanswered chunk.
 	answer := func() error {
 		last := sent && answered == chunks-1
-		expect := 250
+		var text string
+		var err error
 		if last {
-			expect = 2
+			_, text, err = c.readFinalReply(c.DataTimeout)
+		} else {
+			_, text, err = c.readReply(250, c.DataTimeout)
 		}
-		_, text, err := c.readReply(expect, c.DataTimeout)
 		answered++
 		switch {
 		case err == nil && last:

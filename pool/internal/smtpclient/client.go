@@ -14,6 +14,7 @@ package smtpclient
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -31,7 +32,13 @@ import (
 
 // maxReplyLine bounds the length of a reply line, as go-smtp's client does
 // (twice RFC 5321's limit), so that a broken upstream cannot fill memory.
+// What a longer line carries past it is discarded, up to maxLongLine.
 const maxReplyLine = 2000
+
+// maxLongLine bounds what is read of an over-long reply line before it is
+// given up on: up to it, the line's end is found and the replies after it
+// stay in step.
+const maxLongLine = 64 << 10
 
 // maxReplyLines bounds the lines of one reply (an EHLO reply has a few
 // dozen at most).
@@ -41,7 +48,9 @@ const maxReplyLines = 256
 // unusable.
 var (
 	// ErrTooLongLine means the server sent a reply line longer than
-	// maxReplyLine.
+	// maxLongLine, whose end was not waited for. (A line longer than
+	// maxReplyLine and shorter than that is read, cut to maxReplyLine,
+	// and leaves the connection out of step: see Unsolicited.)
 	ErrTooLongLine = errors.New("reply line too long")
 	// ErrReplyTooLong means a reply had more than maxReplyLines lines.
 	ErrReplyTooLong = errors.New("reply has too many lines")
@@ -66,7 +75,6 @@ type Client struct {
 	conn  net.Conn // the connection: the one given to New, or TLS over it
 	raw   net.Conn // the connection under TLS, or conn
 	peek  socketPeeker
-	r     *textproto.Reader
 	br    *bufio.Reader
 	bw    *bufio.Writer
 	tw    *textproto.Writer
@@ -76,6 +84,11 @@ type Client struct {
 	// records that follow a handshake (session tickets) may still wait
 	// in the socket, and are no reply.
 	handshook bool
+	// malformed, once set, says how the server sent a reply that broke
+	// the protocol but could be read: a line over maxReplyLine, or a
+	// final reply to a message not in the form of a reply. The
+	// connection is out of step after it.
+	malformed error
 }
 
 // New returns a client on conn, which may be a *tls.Conn already (implicit
@@ -91,8 +104,7 @@ func New(conn net.Conn) *Client {
 
 func (c *Client) setConn(conn net.Conn) {
 	c.conn = conn
-	c.br = bufio.NewReader(&lineLimitReader{r: conn, limit: maxReplyLine})
-	c.r = textproto.NewReader(c.br)
+	c.br = bufio.NewReader(conn)
 	c.bw = bufio.NewWriter(conn)
 	c.tw = textproto.NewWriter(c.bw)
 }
@@ -386,7 +398,7 @@ func (c *Client) SendData(msg io.Reader) (reply string, sent bool, err error) {
 		return "", false, fmt.Errorf("write message: %w", err)
 	}
 	c.conn.SetWriteDeadline(time.Time{})
-	_, text, err := c.readReply(2, c.DataTimeout)
+	_, text, err := c.readFinalReply(c.DataTimeout)
 	if err != nil {
 		return "", true, fmt.Errorf("end of DATA: %w", err)
 	}
@@ -396,8 +408,28 @@ func (c *Client) SendData(msg io.Reader) (reply string, sent bool, err error) {
 // readReply reads one reply within timeout. A code other than expect is
 // an *smtp.SMTPError.
 func (c *Client) readReply(expect int, timeout time.Duration) (int, string, error) {
+	return c.readReplyAs(expect, timeout, false)
+}
+
+// readFinalReply reads the server's verdict on a whole message within
+// timeout, any 2xx being acceptance. It is lenient: a reply that arrived
+// is the server's verdict whenever its code can be read, even when it is
+// not in the form of a reply (see readResponse); such a reply leaves the
+// connection out of step. Only a reply without a code is no verdict.
+func (c *Client) readFinalReply(timeout time.Duration) (int, string, error) {
+	return c.readReplyAs(2, timeout, true)
+}
+
+func (c *Client) readReplyAs(expect int, timeout time.Duration, lenient bool) (int, string, error) {
 	c.conn.SetReadDeadline(deadline(timeout))
-	code, msg, err := c.readResponse()
+	code, msg, err := c.readResponse(lenient)
+	for _, broke := range []error{ErrMalformedReply, ErrTooLongLine, ErrReplyTooLong} {
+		if errors.Is(err, broke) {
+			// Where the next reply starts is not known. (Not err itself,
+			// which may quote the line, and the line may echo AUTH.)
+			c.malformed = broke
+		}
+	}
 	if err != nil {
 		return 0, "", fmt.Errorf("read reply: %w", err)
 	}
@@ -414,25 +446,40 @@ func (c *Client) readReply(expect int, timeout time.Duration) (int, string, erro
 // a line with another code as text of the reply, which would hide the
 // start of the next reply in this one), and a reply has at most
 // maxReplyLines lines, so that a broken or hostile server cannot fill
-// memory with one endless reply.
-func (c *Client) readResponse() (code int, msg string, err error) {
+// memory with one endless reply. A line over maxReplyLine is cut, and
+// leaves the connection out of step.
+//
+// When lenient, a line whose first three characters are a code from 200
+// to 599 but which is not a reply line ("250ok") ends the reply with that
+// code, and a line of a multi-line reply may carry another code of the
+// same class; both leave the connection out of step.
+func (c *Client) readResponse(lenient bool) (code int, msg string, err error) {
 	var b strings.Builder
 	for n := 0; ; n++ {
 		if n == maxReplyLines {
 			return 0, "", ErrReplyTooLong
 		}
-		line, err := c.r.ReadLine()
+		line, err := c.readLine()
 		if err != nil {
 			return 0, "", err
 		}
 		lineCode, more, text, ok := parseReplyLine(line)
+		if !ok && lenient {
+			if lineCode, ok = leadingCode(line); ok {
+				more, text = false, strings.TrimLeft(line[3:], " ")
+				c.malformed = fmt.Errorf("%w: a final reply line with a code, not in the form of a reply line", ErrMalformedReply)
+			}
+		}
 		switch {
 		case !ok:
 			return 0, "", fmt.Errorf("%w: %q", ErrMalformedReply, truncate(line))
 		case n == 0:
 			code = lineCode
-		case lineCode != code:
+		case lineCode != code && !(lenient && lineCode/100 == code/100):
 			return 0, "", fmt.Errorf("%w: a line with code %d in a reply with code %d", ErrMalformedReply, lineCode, code)
+		case lineCode != code:
+			c.malformed = fmt.Errorf("%w: a line with code %d in a reply with code %d", ErrMalformedReply, lineCode, code)
+			b.WriteByte('\n')
 		default:
 			b.WriteByte('\n')
 		}
@@ -441,6 +488,55 @@ func (c *Client) readResponse() (code int, msg string, err error) {
 			return code, b.String(), nil
 		}
 	}
+}
+
+// readLine reads one line, without its line end (CRLF or LF). A line
+// longer than maxReplyLine is cut to it, the rest discarded up to the line
+// end, and the connection marked out of step; one longer than maxLongLine
+// is ErrTooLongLine.
+func (c *Client) readLine() (string, error) {
+	frag, err := c.br.ReadSlice('\n')
+	if err == nil {
+		if line := trimLineEnd(frag); len(line) <= maxReplyLine {
+			return string(line), nil // the usual case: one slice, one copy
+		}
+	}
+	kept := append([]byte(nil), frag[:min(len(frag), maxReplyLine)]...)
+	n := len(frag)
+	for errors.Is(err, bufio.ErrBufferFull) && n <= maxLongLine {
+		frag, err = c.br.ReadSlice('\n')
+		n += len(frag)
+		if len(kept) < maxReplyLine {
+			kept = append(kept, frag[:min(len(frag), maxReplyLine-len(kept))]...)
+		}
+	}
+	switch {
+	case n > maxLongLine:
+		return "", ErrTooLongLine
+	case err != nil:
+		return "", err
+	}
+	c.malformed = fmt.Errorf("%w: a line of %d bytes, over %d", ErrMalformedReply, n, maxReplyLine)
+	return string(trimLineEnd(kept)), nil
+}
+
+// trimLineEnd removes a line's LF and the CR before it, if any.
+func trimLineEnd(b []byte) []byte {
+	b = bytes.TrimSuffix(b, []byte("\n"))
+	return bytes.TrimSuffix(b, []byte("\r"))
+}
+
+// leadingCode reads a reply code from 200 to 599 out of the first three
+// characters of a line that is not a reply line.
+func leadingCode(line string) (int, bool) {
+	if len(line) < 3 {
+		return 0, false
+	}
+	code, err := strconv.Atoi(line[:3])
+	if err != nil || code < 200 || code > 599 || line[0] == '+' || line[0] == '-' {
+		return 0, false
+	}
+	return code, true
 }
 
 // parseReplyLine splits a reply line into its code, whether more lines
@@ -482,7 +578,8 @@ func truncate(line string) string {
 	return line
 }
 
-// checkInSync fails when the server has sent bytes that no command asked
+// checkInSync fails when an earlier reply broke the protocol (see
+// readResponse), and when the server has sent bytes that no command asked
 // for yet: a reply too many would otherwise be taken as the reply to the
 // next command, and every reply after it as the reply to the command
 // before, up to a refused message read as accepted. It sees the bytes
@@ -492,6 +589,9 @@ func truncate(line string) string {
 // fails when the server has closed the connection, before anything is
 // written into it.
 func (c *Client) checkInSync() error {
+	if c.malformed != nil {
+		return fmt.Errorf("an earlier reply broke the protocol: %w", c.malformed)
+	}
 	if c.br.Buffered() > 0 {
 		return ErrUnsolicitedReply
 	}
@@ -535,8 +635,8 @@ func (c *Client) checkTLSRecords() error {
 }
 
 // Unsolicited reports whether the connection is out of step: the server
-// has sent bytes that no command asked for, or closed it. Such a
-// connection must not be used again.
+// has sent bytes that no command asked for, or closed it, or sent a reply
+// that broke the protocol. Such a connection must not be used again.
 func (c *Client) Unsolicited() bool { return c.checkInSync() != nil }
 
 // socketState is what a socketPeeker finds in a socket.
@@ -616,26 +716,4 @@ func parseEnhancedCode(s string) (smtp.EnhancedCode, bool) {
 		code[i] = n
 	}
 	return code, true
-}
-
-// lineLimitReader fails a read that would complete a line longer than
-// limit bytes.
-type lineLimitReader struct {
-	r     io.Reader
-	limit int
-	line  int // bytes of the current line so far
-}
-
-func (l *lineLimitReader) Read(b []byte) (int, error) {
-	n, err := l.r.Read(b)
-	for _, ch := range b[:n] {
-		l.line++
-		if ch == '\n' {
-			l.line = 0
-		}
-		if l.line > l.limit {
-			return 0, ErrTooLongLine
-		}
-	}
-	return n, err
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/textproto"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -210,15 +211,116 @@ func TestRepliesParsedAsGoSMTPDoes(t *testing.T) {
 	}
 }
 
-func TestTooLongReplyLine(t *testing.T) {
-	c := scripted(t, func(p *peer) {
-		p.send("220 " + strings.Repeat("x", 3000))
-		p.drain()
+// TestOverLongReplyLine: a reply line over maxReplyLine is read with its
+// code, cut, and its rest discarded up to its end, so that the replies
+// after it stay in step; the connection is then out of step and takes no
+// more commands. One over maxLongLine is given up on.
+func TestOverLongReplyLine(t *testing.T) {
+	t.Run("cut", func(t *testing.T) {
+		c := scripted(t, func(p *peer) {
+			p.send("220-" + strings.Repeat("x", 3000))
+			p.send("220 scripted.test ESMTP")
+			p.drain()
+		})
+		if err := c.Greet(); err != nil {
+			t.Fatalf("Greet: %v, want the 220 read", err)
+		}
+		if !c.Unsolicited() {
+			t.Error("Unsolicited() is false after a reply line over the limit")
+		}
+		if err := c.Hello("client.test"); !errors.Is(err, ErrMalformedReply) {
+			t.Errorf("Hello after a reply line over the limit: %v, want ErrMalformedReply", err)
+		}
+		c.Close()
 	})
-	if err := c.Greet(); !errors.Is(err, ErrTooLongLine) {
-		t.Fatalf("Greet: %v, want ErrTooLongLine", err)
+	t.Run("endless", func(t *testing.T) {
+		c := scripted(t, func(p *peer) {
+			p.send("220 " + strings.Repeat("x", maxLongLine+10))
+			p.drain()
+		})
+		if err := c.Greet(); !errors.Is(err, ErrTooLongLine) {
+			t.Fatalf("Greet: %v, want ErrTooLongLine", err)
+		}
+		c.Close()
+	})
+}
+
+// TestFinalReplyThatBreaksTheProtocolIsAReply: the server's verdict on a
+// whole message that arrived but is not well formed is still its verdict
+// when its code can be read (issue 16, item 3: a "250" with 2,100 bytes
+// of text was taken for a lost reply, and the message sent again): a 2xx
+// is acceptance, a 4xx or 5xx a refusal. The connection takes no more
+// commands after it. Only a reply without a code is no verdict: then the
+// message was sent and the reply lost.
+func TestFinalReplyThatBreaksTheProtocolIsAReply(t *testing.T) {
+	long := strings.Repeat("x", 2100)
+	tests := []struct {
+		name  string
+		lines []string
+		code  int // the verdict read; 0: none (a lost reply)
+	}{
+		{"250 with a line over the limit", []string{"250 2.0.0 Ok: queued as " + long}, 250},
+		{"a multi-line 250 with a line over the limit", []string{"250-2.0.0 " + long, "250 2.0.0 Ok"}, 250},
+		{"250 without a space", []string{"250ok queued"}, 250},
+		{"a multi-line reply whose codes differ in the class's detail", []string{"250-2.0.0 Ok", "251 2.0.0 queued"}, 250},
+		{"554 with a line over the limit", []string{"554 5.7.1 " + long}, 554},
+		{"451 not in the form of a reply", []string{"451:try again"}, 451},
+		{"codes of two classes", []string{"250-2.0.0 Ok", "550 5.0.0 no"}, 0},
+		{"no code", []string{"hello"}, 0},
+		{"a line over the bound", []string{"250 " + strings.Repeat("x", maxLongLine+10)}, 0},
 	}
-	c.Close()
+	for _, tt := range tests {
+		for _, chunking := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
+				c := scripted(t, func(p *peer) {
+					if chunking {
+						greet(p, "CHUNKING", "PIPELINING")
+						readChunk(p)
+					} else {
+						greet(p, "PIPELINING")
+						p.expect("DATA")
+						p.send("354 go ahead")
+						readDotMessage(p)
+					}
+					p.send(tt.lines...)
+					p.drain()
+				})
+				mustHello(t, c)
+				msg := strings.NewReader("Subject: x\r\n\r\nbody\r\n")
+				var text string
+				var sent bool
+				var err error
+				if chunking {
+					text, sent, err = c.BDAT(msg, true)
+				} else {
+					if err := c.StartData(); err != nil {
+						t.Fatal(err)
+					}
+					text, sent, err = c.SendData(msg)
+				}
+				var smtpErr *smtp.SMTPError
+				switch {
+				case !sent:
+					t.Errorf("sent false (%v), want the whole message sent", err)
+				case tt.code == 0 && (err == nil || isReply(err)):
+					t.Errorf("%q, %v: want no verdict (a lost reply)", text, err)
+				case tt.code/100 == 2 && err != nil:
+					t.Errorf("%v, want the 2xx read as acceptance", err)
+				case tt.code/100 == 2 && slices.ContainsFunc(strings.Split(text, "\n"), func(l string) bool { return len(l) > maxReplyLine }):
+					t.Errorf("reply text %.40q..., want each line cut to %d bytes", text, maxReplyLine)
+				case tt.code >= 400 && (!errors.As(err, &smtpErr) || smtpErr.Code != tt.code):
+					t.Errorf("%v, want the %d as a refusal", err, tt.code)
+				}
+				if !c.Unsolicited() {
+					t.Error("Unsolicited() is false after a reply that broke the protocol")
+				}
+				if _, err := c.Pipeline([]Command{{"RSET", 250}}); err == nil {
+					t.Error("RSET went out after a reply that broke the protocol")
+				}
+				c.Close()
+			})
+		}
+	}
 }
 
 // TestPipelineIsOneWrite: MAIL and the recipients arrive before the
