@@ -4,23 +4,22 @@ package main
 // client waiting for an upstream session costs memory, not upstream
 // capacity, so the default cap is what the memory smtppool may use holds,
 // after the message buffer budget and a base, and what the open-files
-// limit allows.
+// limit allows. The container's memory limit is read, and GOMEMLIMIT set
+// from it, by automemlimit; the derivation itself (planCapacity) works on
+// plain numbers.
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"math"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
 
-	"github.com/caarlos0/env/v11"
+	"github.com/KimMachineGun/automemlimit/memlimit"
 )
 
 const (
@@ -57,139 +56,53 @@ const (
 	reservedFiles = 64
 )
 
-// noMemoryLimit is what cgroup v1 reports for an unlimited cgroup (a huge
-// number rounded to pages); any limit at or above it is no limit.
-const noMemoryLimit = 1 << 62
+// memoryLimits are what the memory smtppool may use is derived from.
+type memoryLimits struct {
+	container int64 // the container's memory limit (its cgroup's), 0 if none
+	goLimit   int64 // the GOMEMLIMIT in force, 0 if none (unset, or off)
+	operator  bool  // the operator set GOMEMLIMIT; otherwise goLimit, if any, is smtppool's
+}
 
-// memoryLimit is a limit on the memory smtppool may use, and where it came
-// from.
+// setGoMemLimit reads the container's memory limit from provider
+// (memlimit.FromCgroup: cgroup v2's memory.max, or cgroup v1's limit, of
+// this process's cgroup and its parents, found through
+// /proc/self/mountinfo) and, unless the operator set GOMEMLIMIT (or
+// AUTOMEMLIMIT=off), sets GOMEMLIMIT to goMemLimitPercent of it with
+// automemlimit's memlimit.Set, which leaves an operator's GOMEMLIMIT
+// alone. A limit that cannot be read is logged and taken for none. The
+// only error is a bad AUTOMEMLIMIT.
+func setGoMemLimit(provider memlimit.Provider, logger *slog.Logger) (memoryLimits, error) {
+	var m memoryLimits
+	n, err := provider()
+	switch {
+	case err == nil:
+		if n < math.MaxInt64 {
+			m.container = int64(n)
+		}
+	case errors.Is(err, memlimit.ErrNoLimit), errors.Is(err, memlimit.ErrNoCgroup), errors.Is(err, memlimit.ErrCgroupsNotSupported):
+	default:
+		logger.Warn("cannot read the container's memory limit; the client capacity is derived as without one", "err", err)
+	}
+	m.operator = os.Getenv("GOMEMLIMIT") != ""
+	set := m.container > 0 && !m.operator && os.Getenv("AUTOMEMLIMIT") != "off"
+	if set {
+		_, err := memlimit.Set(memlimit.WithProvider(memlimit.Limit(uint64(m.container))),
+			memlimit.WithRatio(goMemLimitPercent/100.0), memlimit.WithLogger(logger))
+		if err != nil {
+			return m, fmt.Errorf("AUTOMEMLIMIT: %w", err)
+		}
+	}
+	// The runtime parsed the operator's GOMEMLIMIT as it started.
+	if inForce := debug.SetMemoryLimit(-1); (set || m.operator) && inForce < math.MaxInt64 {
+		m.goLimit = inForce
+	}
+	return m, nil
+}
+
+// memoryLimit is an amount of memory, and where it came from.
 type memoryLimit struct {
 	bytes  int64  // 0 when there is none
-	source string // the file or variable that set it
-}
-
-// cgroupMemoryLimit reads the memory limit of the cgroup that this process
-// runs in, from the file system under root ("/" but in tests): cgroup v2's
-// memory.max, else cgroup v1's memory.limit_in_bytes. The process's cgroup
-// comes from root/proc/self/cgroup; the hierarchies are looked for where
-// every container runtime and systemd mount them, root/sys/fs/cgroup (v2)
-// and root/sys/fs/cgroup/memory (v1). The limit of a nested cgroup is the
-// least of its own and its ancestors'. No cgroup file, or no limit in it,
-// is no limit (zero), not an error.
-func cgroupMemoryLimit(root string) (memoryLimit, error) {
-	v2, v1, err := selfCgroups(filepath.Join(root, "proc/self/cgroup"))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return memoryLimit{}, nil // not Linux, or no /proc
-		}
-		return memoryLimit{}, err
-	}
-	if v2 != "" {
-		lim, found, err := hierarchyLimit(filepath.Join(root, "sys/fs/cgroup"), v2, "memory.max")
-		if err != nil || found {
-			return lim, err
-		}
-	}
-	if v1 != "" {
-		lim, _, err := hierarchyLimit(filepath.Join(root, "sys/fs/cgroup/memory"), v1, "memory.limit_in_bytes")
-		return lim, err
-	}
-	return memoryLimit{}, nil
-}
-
-// selfCgroups reads a /proc/PID/cgroup file: the process's cgroup in the
-// v2 hierarchy ("0::/path") and in the v1 hierarchy of the memory
-// controller ("N:...memory...:/path"); empty when it has none.
-func selfCgroups(file string) (v2, v1 string, err error) {
-	f, err := os.Open(file)
-	if err != nil {
-		return "", "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		id, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		controllers, path, ok := strings.Cut(rest, ":")
-		if !ok {
-			continue
-		}
-		switch {
-		case id == "0" && controllers == "":
-			v2 = path
-		case containsWord(controllers, "memory"):
-			v1 = path
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", "", fmt.Errorf("read %s: %w", file, err)
-	}
-	return v2, v1, nil
-}
-
-// containsWord reports whether the comma-separated list has word.
-func containsWord(list, word string) bool {
-	for _, w := range strings.Split(list, ",") {
-		if w == word {
-			return true
-		}
-	}
-	return false
-}
-
-// hierarchyLimit reads the limit file name of the cgroup path in the
-// hierarchy mounted at mount, and of each of its ancestors up to the
-// mount, and returns the least. A container with a cgroup namespace (or
-// v1's usual mount of the container's own cgroup) sees its cgroup at the
-// mount itself, though /proc/self/cgroup may name a longer path: when path
-// is not under mount, the mount's own file counts. found is false when the
-// cgroup has no such file (a v2 hierarchy without the memory controller).
-func hierarchyLimit(mount, path, name string) (lim memoryLimit, found bool, err error) {
-	dir := filepath.Join(mount, filepath.Clean("/"+path))
-	if _, err := os.Stat(dir); err != nil {
-		dir = mount
-	}
-	if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-		return memoryLimit{}, false, nil
-	}
-	for {
-		file := filepath.Join(dir, name)
-		n, err := readLimitFile(file)
-		switch {
-		case errors.Is(err, fs.ErrNotExist): // the root cgroup has none
-		case err != nil:
-			return memoryLimit{}, true, err
-		case n > 0 && (lim.bytes == 0 || n < lim.bytes):
-			lim = memoryLimit{bytes: n, source: file}
-		}
-		if dir == mount || len(dir) <= len(mount) {
-			return lim, true, nil
-		}
-		dir = filepath.Dir(dir)
-	}
-}
-
-// readLimitFile reads a cgroup memory limit file: a number of bytes, or
-// "max" (v2), or a huge number (v1), both no limit (zero).
-func readLimitFile(file string) (int64, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return 0, err
-	}
-	s := strings.TrimSpace(string(b))
-	if s == "max" {
-		return 0, nil
-	}
-	n, err := strconv.ParseUint(s, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%s: %q is not a number of bytes", file, s)
-	}
-	if n >= noMemoryLimit {
-		return 0, nil
-	}
-	return int64(n), nil
+	source string // how it was set
 }
 
 // capacity is what planCapacity derives: the client cap, the GOMEMLIMIT to
@@ -199,9 +112,9 @@ type capacity struct {
 	derived     bool   // the cap was derived, not set by SMTPPOOL_MAX_CLIENT_CONNS
 	limitedBy   string // what set the cap: "memory", "no memory limit", "open files", "SMTPPOOL_MAX_CLIENT_CONNS"
 
-	container  memoryLimit // the cgroup's limit
-	usable     memoryLimit // the memory smtppool may use: the operator's GOMEMLIMIT, or a share of the container's limit
-	setGoLimit bool        // smtppool sets usable as GOMEMLIMIT (the operator has not set it)
+	container  int64       // the container's memory limit, 0 if none
+	usable     memoryLimit // the memory smtppool may use: the GOMEMLIMIT in force, or a share of the container's limit
+	setGoLimit bool        // smtppool set usable as GOMEMLIMIT (the operator had not set it)
 
 	bufferBytes int64 // the message buffer budget
 	openFiles   int64 // the open-files limit; 0 if unknown
@@ -210,40 +123,31 @@ type capacity struct {
 	warnings []string // for the log: an explicit cap beyond what memory or files allow, a buffer budget below the sessions
 }
 
-// systemCapacity is planCapacity for this process: its cgroup's memory
-// limit, the GOMEMLIMIT in environ, its open-files limit. A cgroup file
-// that cannot be read is logged and taken for no limit.
-func systemCapacity(cfg config, environ []string, logger *slog.Logger) (capacity, error) {
-	container, err := cgroupMemoryLimit("/")
+// systemCapacity is planCapacity for this process: it reads its
+// container's memory limit and sets GOMEMLIMIT from it (see
+// setGoMemLimit), and reads its open-files limit.
+func systemCapacity(cfg config, logger *slog.Logger) (capacity, error) {
+	mem, err := setGoMemLimit(memlimit.FromCgroup, logger)
 	if err != nil {
-		logger.Warn("cannot read the container's memory limit; the client cap is derived as without one", "err", err)
-		container = memoryLimit{}
-	}
-	goLimit, goLimitSet := int64(0), false
-	if v, ok := env.ToMap(environ)["GOMEMLIMIT"]; ok && v != "" {
-		// The runtime has parsed it: its limit is the operator's.
-		goLimit, goLimitSet = debug.SetMemoryLimit(-1), true
+		return capacity{}, err
 	}
 	var files int64
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < math.MaxInt64 {
 		files = int64(lim.Cur)
 	}
-	return planCapacity(cfg, container, goLimit, goLimitSet, files)
+	return planCapacity(cfg, mem, files)
 }
 
 // planCapacity derives the client cap from the memory smtppool may use:
-// with a memory limit (GOMEMLIMIT as the operator set it, else 90 % of the
-// container's limit, which smtppool then sets as GOMEMLIMIT), as many
-// clients as fit after the message buffer budget and a base; without one,
-// unlimitedClientConns. Either way no more than the open-files limit
-// allows. An explicit SMTPPOOL_MAX_CLIENT_CONNS (cfg.MaxClientConns above
-// zero) stands, with a warning when it is beyond those. goLimitSet says
-// whether the operator set GOMEMLIMIT, and goLimit is then the runtime's
-// limit (math.MaxInt64 for "off"); openFiles is the soft RLIMIT_NOFILE (0
-// if unknown).
-func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet bool, openFiles int64) (capacity, error) {
-	c := capacity{container: container, bufferBytes: cfg.bufferBudget(), openFiles: openFiles}
+// with a memory limit (the GOMEMLIMIT in force, or, if it is off, 90 % of
+// the container's limit), as many clients as fit after the message buffer
+// budget and a base; without one, unlimitedClientConns. Either way no more
+// than the open-files limit allows. An explicit SMTPPOOL_MAX_CLIENT_CONNS
+// (cfg.MaxClientConns above zero) stands, with a warning when it is beyond
+// those. openFiles is the soft RLIMIT_NOFILE (0 if unknown).
+func planCapacity(cfg config, mem memoryLimits, openFiles int64) (capacity, error) {
+	c := capacity{container: mem.container, bufferBytes: cfg.bufferBudget(), openFiles: openFiles}
 	if held := c.bufferBytes / max(cfg.MaxMessageBytes, 1); held < int64(cfg.MaxConns) {
 		c.warn("SMTPPOOL_MAX_BUFFER_BYTES (%s) holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES, fewer than the %d upstream sessions of SMTPPOOL_MAX_CONNS: "+
 			"in a burst, a transaction that finds no buffer space gives its session back and queues again behind every waiting client, "+
@@ -251,13 +155,15 @@ func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet b
 			formatBytes(c.bufferBytes), held, cfg.MaxConns, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
 	}
 	switch {
-	case goLimitSet && goLimit > 0 && goLimit < math.MaxInt64:
-		c.usable = memoryLimit{bytes: goLimit, source: "GOMEMLIMIT"}
-	case container.bytes > 0:
-		c.usable = memoryLimit{bytes: container.bytes / 100 * goMemLimitPercent,
+	case mem.goLimit > 0 && mem.operator:
+		c.usable = memoryLimit{bytes: mem.goLimit, source: "GOMEMLIMIT"}
+	case mem.goLimit > 0:
+		c.usable = memoryLimit{bytes: mem.goLimit, source: "GOMEMLIMIT, set to " + sharePercent(mem.goLimit, mem.container)}
+		c.setGoLimit = true
+	case mem.container > 0:
+		// GOMEMLIMIT is off: the operator's choice.
+		c.usable = memoryLimit{bytes: mem.container / 100 * goMemLimitPercent,
 			source: fmt.Sprintf("%d%% of the container's limit", goMemLimitPercent)}
-		// GOMEMLIMIT=off is the operator's choice too.
-		c.setGoLimit = !goLimitSet
 	}
 	if openFiles > 0 {
 		c.fileCap = int(max(0, openFiles-reservedFiles-int64(cfg.MaxConns)))
@@ -297,6 +203,11 @@ func planCapacity(cfg config, container memoryLimit, goLimit int64, goLimitSet b
 	return c, nil
 }
 
+// sharePercent writes part as a share of whole, in per cent.
+func sharePercent(part, whole int64) string {
+	return strconv.FormatFloat(math.Round(float64(part)*1000/float64(whole))/10, 'f', -1, 64) + "% of the container's limit"
+}
+
 // warn adds a warning for the start-up log.
 func (c *capacity) warn(format string, args ...any) {
 	c.warnings = append(c.warnings, fmt.Sprintf(format, args...))
@@ -326,8 +237,8 @@ func (c capacity) LogValue() slog.Value {
 		slog.String("limited_by", c.limitedBy),
 		slog.Int64("buffer_budget_bytes", c.bufferBytes),
 	}
-	if c.container.bytes > 0 {
-		attrs = append(attrs, slog.Int64("container_memory_limit_bytes", c.container.bytes), slog.String("container_memory_limit_file", c.container.source))
+	if c.container > 0 {
+		attrs = append(attrs, slog.Int64("container_memory_limit_bytes", c.container))
 	}
 	if c.usable.bytes > 0 {
 		attrs = append(attrs, slog.Int64("usable_memory_bytes", c.usable.bytes), slog.String("usable_memory_from", c.usable.source),

@@ -19,7 +19,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
-	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -64,14 +63,11 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 		cfg.Hostname = defaultHostname()
 	}
 	logger := newLogger(cfg, stderr)
-	capa, err := systemCapacity(cfg, environ, logger)
+	capa, err := systemCapacity(cfg, logger)
 	if err != nil {
 		return err
 	}
 	cfg.MaxClientConns = capa.clientConns
-	if capa.setGoLimit {
-		debug.SetMemoryLimit(capa.usable.bytes)
-	}
 	access, err := cfg.accessConfig(logger)
 	if err != nil {
 		return err

@@ -84,7 +84,7 @@ func (b *bench) measureBurst(g *peers.Group) error {
 	figs[0].Value, figs[1].Value, figs[2].Value, figs[3].Value = float64(free.once), mib(free.hwm), free.perClient, free.drain.Seconds()
 	b.burstDetails("", free)
 
-	cg, err := newMemCgroup(fmt.Sprintf("smtppool-bench-%d", os.Getpid()), pl.burstLimit)
+	cg, err := peers.NewMemCgroup(g, fmt.Sprintf("smtppool-bench-%d", os.Getpid()), pl.burstLimit)
 	if err != nil {
 		figs[4].Value, figs[4].Err = math.NaN(), "no memory cgroup: "+firstLine(err.Error())
 		figs[5].Value, figs[5].Err = math.NaN(), figs[4].Err
@@ -92,12 +92,7 @@ func (b *bench) measureBurst(g *peers.Group) error {
 		b.add(figs...)
 		return nil
 	}
-	g.Cleanup(func() {
-		if err := cg.remove(); err != nil {
-			g.Errorf("remove the cgroup %s: %v", cg.dir, err)
-		}
-	})
-	wrapped, err := cg.wrap(b.bin, b.tmp)
+	wrapped, err := cg.Wrap(b.bin, b.tmp)
 	if err != nil {
 		return err
 	}
@@ -106,7 +101,7 @@ func (b *bench) measureBurst(g *peers.Group) error {
 		return fmt.Errorf("in a %d MiB cgroup: %w", pl.burstLimit>>20, err)
 	}
 	figs[4].Value, figs[5].Value = float64(limited.once), float64(limited.cgroupPeak)/(1<<20)
-	b.burstDetails(fmt.Sprintf("In a memory cgroup limited to %d MiB (%s), with the k8s example's settings (SMTPPOOL_MAX_CONNS=5, SMTPPOOL_MAX_MESSAGE_BYTES=10485760, SMTPPOOL_MAX_BUFFER_BYTES=67108864): ", pl.burstLimit>>20, cg.dir), limited)
+	b.burstDetails(fmt.Sprintf("In a memory cgroup limited to %d MiB (%s), with the k8s example's settings (SMTPPOOL_MAX_CONNS=5, SMTPPOOL_MAX_MESSAGE_BYTES=10485760, SMTPPOOL_MAX_BUFFER_BYTES=67108864): ", pl.burstLimit>>20, cg.Dir), limited)
 	b.detail("8. In the cgroup: peak memory charged %.1f MiB of %d MiB, %d processes killed for memory.", float64(limited.cgroupPeak)/(1<<20), pl.burstLimit>>20, limited.oomKills)
 	b.add(figs...)
 	return nil
@@ -133,7 +128,7 @@ func (b *bench) burstDetails(prefix string, o burstOutcome) {
 
 // burstRun is one burst through the smtppool binary bin, with settings
 // added to the measurement's; cg, if not nil, is the cgroup bin runs in.
-func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string, cg *memCgroup) (burstOutcome, error) {
+func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string, cg *peers.MemCgroup) (burstOutcome, error) {
 	pl := b.plan
 	var o burstOutcome
 	script, err := peers.UpstreamScript(b.root)
@@ -207,13 +202,13 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 	stopSampling()
 	sampled.Wait()
 	if cg != nil {
-		if o.oomKills, err = cg.oomKills(); err != nil {
+		if o.oomKills, err = cg.OOMKills(); err != nil {
 			return o, err
 		}
 		if o.oomKills > 0 {
 			return o, fmt.Errorf("the kernel killed smtppool for memory (%d OOM kills in its cgroup)", o.oomKills)
 		}
-		if o.cgroupPeak, err = cg.peak(); err != nil {
+		if o.cgroupPeak, err = cg.Peak(); err != nil {
 			return o, err
 		}
 	}

@@ -11,6 +11,7 @@
 //   - postfix.go, relay.go: private Postfix instances, as the upstream or
 //     as a relay in front of smtp-sink.
 //   - mailbox.go: delivered messages, indexed by Message-ID.
+//   - cgroup.go: memory cgroups, to run smtppool as in a container.
 //   - client.go: test messages and a client that behaves like the chat server.
 //
 // Nothing here fails a test by itself: every helper returns its error, and
