@@ -82,7 +82,7 @@ func TestBrokenCopiesAreRejected(t *testing.T) {
 		},
 		{
 			name: "memory request above the limit", variant: "example", file: "deployment.yaml",
-			old: "              cpu: 50m\n              memory: 64Mi\n", new: "              cpu: 50m\n              memory: 256Mi\n",
+			old: "              cpu: 50m\n              memory: 320Mi\n", new: "              cpu: 50m\n              memory: 512Mi\n",
 			want: "must be less than or equal to memory limit",
 		},
 		{
@@ -226,6 +226,41 @@ func TestBrokenPromisesAreCaught(t *testing.T) {
 			name: "Mattermost not pointed at the sidecar", variant: "Mattermost Helm chart", file: helmFile,
 			old: "    value: localhost\n", new: "    value: smtp.example.com\n",
 			want: "MM_EMAILSETTINGS_SMTPSERVER",
+		},
+		{
+			name: "memory limit that holds fewer clients than smtppool without a limit", variant: "example", file: "deployment.yaml",
+			old: "              memory: 320Mi\n            limits:\n              memory: 320Mi\n", new: "              memory: 256Mi\n            limits:\n              memory: 256Mi\n",
+			want: "90 % of the memory limit 256Mi (241591860 bytes) holds a derived client cap of 7700 waiting clients",
+		},
+		{
+			name: "a low GOMEMLIMIT, which takes the place of the limit", variant: "Mattermost Helm chart", file: helmFile,
+			old: "    env:\n", new: "    env:\n      - name: GOMEMLIMIT\n        value: \"100MiB\"\n",
+			want: "GOMEMLIMIT=100MiB (104857600 bytes) holds a derived client cap of 1024 waiting clients",
+		},
+		{
+			name: "GOMEMLIMIT that leaves the kernel's socket buffers too little", variant: "legacy", file: "legacy/deployment.yaml",
+			old: "                name: smtppool\n", new: "                name: smtppool\n          env:\n            - name: GOMEMLIMIT\n              value: \"310MiB\"\n",
+			want: "GOMEMLIMIT=310MiB is above 90 % of the memory limit 320Mi",
+		},
+		{
+			name: "a larger buffer budget without a larger limit", variant: "Mattermost Operator", file: "config/configmap.yaml",
+			old: `SMTPPOOL_MAX_BUFFER_BYTES: "67108864"`, new: `SMTPPOOL_MAX_BUFFER_BYTES: "134217728"`,
+			want: "holds a derived client cap of 7372 waiting clients after the 128 MiB buffer budget",
+		},
+		{
+			name: "buffer budget left to smtppool's default", variant: "example", file: "config/configmap.yaml",
+			old: `  SMTPPOOL_MAX_BUFFER_BYTES: "67108864"` + "\n", new: "",
+			want: "SMTPPOOL_MAX_BUFFER_BYTES is not set",
+		},
+		{
+			name: "buffer budget that holds fewer messages than there are sessions", variant: "example", file: "config/configmap.yaml",
+			old: `SMTPPOOL_MAX_CONNS: "5"`, new: `SMTPPOOL_MAX_CONNS: "7"`,
+			want: "holds 6 messages of SMTPPOOL_MAX_MESSAGE_BYTES=10485760, fewer than the 7 upstream sessions",
+		},
+		{
+			name: "an explicit client cap below smtppool's without a limit", variant: "legacy", file: "config/configmap.yaml",
+			old: `  SMTPPOOL_MAX_CONNS: "5"` + "\n", new: `  SMTPPOOL_MAX_CONNS: "5"` + "\n" + `  SMTPPOOL_MAX_CLIENT_CONNS: "1000"` + "\n",
+			want: "SMTPPOOL_MAX_CLIENT_CONNS=1000; want between 10000 and the 10649 clients",
 		},
 		{
 			name: "database Secret in smtppool's objects", variant: "existing installation", file: "config/kustomization.yaml",

@@ -5,6 +5,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/constant"
+	"go/parser"
+	"go/token"
+	"go/types"
 	"io"
 	"io/fs"
 	"net"
@@ -553,17 +558,7 @@ func checkPod(t reporter, set *manifestSet, pod *corev1.Pod, sc *corev1.Containe
 	if sc.SecurityContext == nil || sc.SecurityContext.RunAsUser == nil || *sc.SecurityContext.RunAsUser != wantUser {
 		t.Errorf("%s: runAsUser should be %d, the image's USER", sc.Name, wantUser)
 	}
-	if limit, ok := sc.Resources.Limits[corev1.ResourceMemory]; ok {
-		gml := goMemLimit(t, env["GOMEMLIMIT"])
-		if gml <= 0 || gml >= limit.Value() {
-			t.Errorf("%s: GOMEMLIMIT %q should be set below the memory limit %s", sc.Name, env["GOMEMLIMIT"], limit.String())
-		}
-		budget := mustInt(t, env, "SMTPPOOL_MAX_BUFFER_BYTES")
-		// 24 MiB measured with 1,000 idle clients, plus the buffers.
-		if base := int64(24 << 20); gml < base+budget {
-			t.Errorf("GOMEMLIMIT %d is below the measured base (24 MiB) plus SMTPPOOL_MAX_BUFFER_BYTES (%d)", gml, budget)
-		}
-	}
+	checkCapacity(t, sc, env)
 
 	// The grace period: the chat server stops first, within the same
 	// period, then smtppool drains. Leave the chat server at least 10 s.
@@ -912,23 +907,29 @@ func TestPodMonitors(t *testing.T) {
 	}
 }
 
-// TestMemoryArithmetic checks the figures k8s/README.md derives the
-// resources from, so that a change to the ConfigMap or the limits cannot
-// leave the explanation wrong.
+// TestMemoryArithmetic checks the figures k8s/README.md sizes the memory
+// from: the example's settings and resources, the client cap they derive
+// (by capacity.go's constants) and the benchmark that ran them
+// (e2e/bench/results.md, measurement 8), so that a change to the
+// ConfigMap, the resources, the derivation or the benchmark cannot leave
+// the explanation wrong.
 func TestMemoryArithmetic(t *testing.T) {
 	set, _ := buildVariant(t, findVariant(t, "example"))
 	cm := set.configMaps[sidecarName].Data
-	if got := mustInt(t, cm, "SMTPPOOL_MAX_MESSAGE_BYTES"); got != 10<<20 {
-		t.Errorf("SMTPPOOL_MAX_MESSAGE_BYTES=%d; k8s/README.md explains 10 MiB", got)
-	}
-	if got := mustInt(t, cm, "SMTPPOOL_MAX_BUFFER_BYTES"); got != 64<<20 {
-		t.Errorf("SMTPPOOL_MAX_BUFFER_BYTES=%d; k8s/README.md explains 64 MiB", got)
+	for k, want := range map[string]int64{
+		"SMTPPOOL_MAX_MESSAGE_BYTES": 10 << 20,
+		"SMTPPOOL_MAX_BUFFER_BYTES":  64 << 20,
+		"SMTPPOOL_MAX_CONNS":         5,
+	} {
+		if got := mustInt(t, cm, k); got != want {
+			t.Errorf("%s=%d; k8s/README.md explains %d", k, got, want)
+		}
 	}
 	sc := findContainer(set.deployments[0].Spec.Template.Spec.InitContainers, sidecarName)
 	for name, want := range map[string]resource.Quantity{
 		"requests.cpu":    resource.MustParse("50m"),
-		"requests.memory": resource.MustParse("64Mi"),
-		"limits.memory":   resource.MustParse("128Mi"),
+		"requests.memory": resource.MustParse("320Mi"),
+		"limits.memory":   resource.MustParse("320Mi"),
 	} {
 		kind, res, _ := strings.Cut(name, ".")
 		list := sc.Resources.Requests
@@ -941,5 +942,246 @@ func TestMemoryArithmetic(t *testing.T) {
 	}
 	if _, ok := sc.Resources.Limits[corev1.ResourceCPU]; ok {
 		t.Errorf("%s has a CPU limit; k8s/README.md explains why there is none", sc.Name)
+	}
+	for _, e := range sc.Env {
+		if e.Name == "GOMEMLIMIT" {
+			t.Errorf("%s sets GOMEMLIMIT=%s; k8s/README.md explains that smtppool sets it from the memory limit", sc.Name, e.Value)
+		}
+	}
+
+	// The table of k8s/README.md's Resources, from the derivation.
+	rule := readCapacityRule(t)
+	limit := sc.Resources.Limits.Memory().Value()
+	request := sc.Resources.Requests.Memory().Value()
+	budget := mustInt(t, cm, "SMTPPOOL_MAX_BUFFER_BYTES")
+	usable := rule.usable(limit)
+	clients := rule.clientCap(usable, budget)
+	least := int64(1) // the least limit, in MiB, that holds the cap without a limit
+	for rule.clientCap(rule.usable(least<<20), budget) < rule.unlimitedClientConns {
+		least++
+	}
+	section := readmeSection(t, "README.md", "## Resources")
+	for _, want := range []string{
+		fmt.Sprintf("| memory **limit** | **%d Mi** |", limit>>20),
+		fmt.Sprintf("| usable by smtppool: %d %% of the limit, which smtppool sets as `GOMEMLIMIT` | %s |", rule.goMemLimitPercent, mib(usable)),
+		fmt.Sprintf("base (the Go runtime, the upstream sessions, the metrics) | %s |", mib(rule.baseBytes)),
+		fmt.Sprintf("64 MiB of buffers in all) | %s |", mib(budget)),
+		fmt.Sprintf("| = room for waiting clients, at %d KiB each | %s: **%s clients** |", rule.clientConnBytes>>10, mib(usable-rule.baseBytes-budget), thousands(clients)),
+		fmt.Sprintf("| memory **request** | **%d Mi** |", request>>20),
+		fmt.Sprintf("derived the cap %s and set `GOMEMLIMIT` to %s", thousands(clients), mib(usable)),
+		fmt.Sprintf("expect `max_client_conns` %d", clients),
+		fmt.Sprintf("%d Mi is the least that holds %s clients", least, thousands(rule.unlimitedClientConns)),
+		fmt.Sprintf("the cap stays %s", thousands(clients)),
+	} {
+		if !strings.Contains(section, want) {
+			t.Errorf("k8s/README.md, Resources: want %q, from the manifests and capacity.go", want)
+		}
+	}
+
+	// The benchmark ran the example's settings in a cgroup of the
+	// example's limit: its derived cap is this one, the burst was
+	// delivered, and the README quotes its peak, which is within the limit.
+	b, err := os.ReadFile(filepath.Join("..", "e2e", "bench", "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	results := string(b)
+	row := func(id string) []string {
+		for _, l := range strings.Split(results, "\n") {
+			if strings.HasPrefix(l, "| "+id+" |") {
+				return strings.Split(l, "|")
+			}
+		}
+		t.Fatalf("e2e/bench/results.md has no row %s", id)
+		return nil
+	}
+	burst, peak := row("8e"), row("8f")
+	for _, want := range []string{
+		fmt.Sprintf("a %d MiB memory cgroup", limit>>20),
+		fmt.Sprintf("N=%s,", cm["SMTPPOOL_MAX_CONNS"]),
+		fmt.Sprintf("%s messages", mib(mustInt(t, cm, "SMTPPOOL_MAX_MESSAGE_BYTES"))),
+		fmt.Sprintf("%s of buffers", mib(budget)),
+	} {
+		if !strings.Contains(burst[2], want) {
+			t.Errorf("e2e/bench/results.md, 8e %q: want %q, the example's settings", burst[2], want)
+		}
+	}
+	if n, err := strconv.ParseInt(strings.TrimSpace(burst[3]), 10, 64); err != nil || n < rule.unlimitedClientConns {
+		t.Errorf("e2e/bench/results.md, 8e: delivered %q, want at least %d", burst[3], rule.unlimitedClientConns)
+	}
+	if m := regexp.MustCompile(`its client cap (\d+) \(memory\)`).FindStringSubmatch(results); m == nil || m[1] != strconv.FormatInt(clients, 10) {
+		t.Errorf("e2e/bench/results.md: the cap derived in the cgroup %v, want %d as derived here", m, clients)
+	}
+	charged := strings.TrimSpace(peak[3])
+	mibs, err := strconv.ParseFloat(strings.TrimSuffix(charged, " MiB"), 64)
+	if err != nil || mibs*(1<<20) > float64(limit) {
+		t.Errorf("e2e/bench/results.md, 8f: peak charged %q, want within the limit of %d MiB", charged, limit>>20)
+	}
+	if !strings.Contains(section, "**"+charged+"**") {
+		t.Errorf("k8s/README.md, Resources: want the benchmark's peak, **%s** (e2e/bench/results.md, 8f)", charged)
+	}
+}
+
+// readmeSection returns the section of a Markdown file that starts with
+// heading, up to the next heading of its level.
+func readmeSection(t reporter, file, heading string) string {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "\n"+heading+"\n")
+	if i < 0 {
+		t.Fatalf("%s has no section %q", file, heading)
+	}
+	s = s[i+1:]
+	level, _, _ := strings.Cut(heading, " ")
+	if j := strings.Index(s[len(heading):], "\n"+level+" "); j >= 0 {
+		s = s[:len(heading)+j]
+	}
+	return s
+}
+
+// mib writes a size in MiB, to a tenth, as capacity.go's formatBytes does.
+func mib(n int64) string {
+	return strings.TrimSuffix(strconv.FormatFloat(float64(n)/(1<<20), 'f', 1, 64), ".0") + " MiB"
+}
+
+// thousands writes n with commas between groups of three digits.
+func thousands(n int64) string {
+	s := strconv.FormatInt(n, 10)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
+
+// capacityRule is how smtppool derives its client cap from the memory it
+// may use (planCapacity in capacity.go), with the constants read from
+// capacity.go, so that a change there is checked against the example.
+type capacityRule struct {
+	clientConnBytes      int64 // per waiting client
+	baseBytes            int64 // smtppool with no client and no message
+	goMemLimitPercent    int64 // the share of the container's limit that smtppool uses, and sets as GOMEMLIMIT
+	unlimitedClientConns int64 // the cap without a memory limit
+}
+
+// readCapacityRule reads the constants of the derivation from ../capacity.go.
+func readCapacityRule(t reporter) capacityRule {
+	t.Helper()
+	file := filepath.Join("..", "capacity.go")
+	fset := token.NewFileSet()
+	f, err := parser.ParseFile(fset, file, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	consts := map[string]int64{}
+	for _, d := range f.Decls {
+		gd, ok := d.(*ast.GenDecl)
+		if !ok || gd.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range gd.Specs {
+			vs := spec.(*ast.ValueSpec)
+			for i, name := range vs.Names {
+				if i >= len(vs.Values) {
+					continue
+				}
+				// Constant expressions of literals only (20 << 10, 10_000),
+				// evaluated in the universe scope.
+				tv, err := types.Eval(fset, nil, token.NoPos, types.ExprString(vs.Values[i]))
+				if err != nil || tv.Value == nil {
+					continue
+				}
+				if v, ok := constant.Int64Val(constant.ToInt(tv.Value)); ok {
+					consts[name.Name] = v
+				}
+			}
+		}
+	}
+	get := func(name string) int64 {
+		v, ok := consts[name]
+		if !ok || v <= 0 {
+			t.Fatalf("%s: no positive constant %s; the capacity check follows capacity.go's derivation, update it", file, name)
+		}
+		return v
+	}
+	return capacityRule{
+		clientConnBytes:      get("clientConnBytes"),
+		baseBytes:            get("baseBytes"),
+		goMemLimitPercent:    get("goMemLimitPercent"),
+		unlimitedClientConns: get("unlimitedClientConns"),
+	}
+}
+
+// usable is the memory smtppool uses in a container with this memory
+// limit and no GOMEMLIMIT of the operator's, as planCapacity computes it.
+func (r capacityRule) usable(limit int64) int64 {
+	return limit / 100 * r.goMemLimitPercent
+}
+
+// clientCap is the cap derived from the usable memory and the message
+// buffer budget (at least zero).
+func (r capacityRule) clientCap(usable, budget int64) int64 {
+	return max(0, (usable-r.baseBytes-budget)/r.clientConnBytes)
+}
+
+// checkCapacity: the client cap that smtppool derives in the sidecar (from
+// its memory limit, or from a GOMEMLIMIT set in its environment, after the
+// ConfigMap's buffer budget) holds at least as many clients as smtppool
+// holds without a memory limit, so that the example's limit refuses no
+// client of a burst that an unlimited smtppool would take. The buffer
+// budget is set explicitly, and holds a message per upstream session.
+func checkCapacity(t reporter, sc *corev1.Container, env map[string]string) {
+	t.Helper()
+	rule := readCapacityRule(t)
+	// The settings the limit is sized from, each set (smtppool's defaults
+	// are not the ones k8s/README.md sizes the limit from) and a number.
+	num := func(k string) (int64, bool) {
+		v, ok := env[k]
+		if !ok || v == "" {
+			t.Errorf("%s: %s is not set; the memory limit is sized from it (k8s/README.md, Resources), so the ConfigMap sets it rather than leaving it to smtppool's default", sc.Name, k)
+			return 0, false
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 {
+			t.Errorf("%s: %s=%q is not a positive number", sc.Name, k, v)
+			return 0, false
+		}
+		return n, true
+	}
+	msg, ok1 := num("SMTPPOOL_MAX_MESSAGE_BYTES")
+	budget, ok2 := num("SMTPPOOL_MAX_BUFFER_BYTES")
+	conns, ok3 := num("SMTPPOOL_MAX_CONNS")
+	if !ok1 || !ok2 {
+		return
+	}
+	budget = max(budget, msg) // as smtppool applies it
+	if ok3 && budget/msg < conns {
+		t.Errorf("SMTPPOOL_MAX_BUFFER_BYTES=%d holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES=%d, fewer than the %d upstream sessions: in a burst, transactions that find no buffer space queue again and time out",
+			budget, budget/msg, msg, conns)
+	}
+	limit, ok := sc.Resources.Limits[corev1.ResourceMemory]
+	if !ok {
+		return // checkResources reports it
+	}
+	usable, from := rule.usable(limit.Value()), fmt.Sprintf("%d %% of the memory limit %s", rule.goMemLimitPercent, limit.String())
+	if v, ok := env["GOMEMLIMIT"]; ok && v != "" && v != "off" {
+		gml := goMemLimit(t, v)
+		if gml > usable {
+			t.Errorf("%s: GOMEMLIMIT=%s is above %s (%d bytes), which leaves the kernel's socket buffers too little room before the kernel kills smtppool", sc.Name, v, from, usable)
+		}
+		usable, from = gml, "GOMEMLIMIT="+v
+	}
+	memCap := rule.clientCap(usable, budget)
+	if memCap < rule.unlimitedClientConns {
+		t.Errorf("%s: %s (%d bytes) holds a derived client cap of %d waiting clients after the %d MiB buffer budget and the %d MiB base, at %d KiB each; want at least %d, the cap without a memory limit (k8s/README.md, Resources)",
+			sc.Name, from, usable, memCap, budget>>20, rule.baseBytes>>20, rule.clientConnBytes>>10, rule.unlimitedClientConns)
+	}
+	if _, ok := env["SMTPPOOL_MAX_CLIENT_CONNS"]; ok {
+		if n, ok := num("SMTPPOOL_MAX_CLIENT_CONNS"); ok && (n < rule.unlimitedClientConns || n > memCap) {
+			t.Errorf("%s: SMTPPOOL_MAX_CLIENT_CONNS=%d; want between %d and the %d clients that %s holds", sc.Name, n, rule.unlimitedClientConns, memCap, from)
+		}
 	}
 }
