@@ -230,7 +230,7 @@ func TestBrokenPromisesAreCaught(t *testing.T) {
 		{
 			name: "memory limit that holds fewer clients than smtppool without a limit", variant: "example", file: "deployment.yaml",
 			old: "              memory: 320Mi\n            limits:\n              memory: 320Mi\n", new: "              memory: 256Mi\n            limits:\n              memory: 256Mi\n",
-			want: "90 % of the memory limit 256Mi (241591860 bytes) holds a derived client cap of 7700 waiting clients",
+			want: "90 % of the memory limit 256Mi (241591910 bytes) holds a derived client cap of 7700 waiting clients",
 		},
 		{
 			name: "a low GOMEMLIMIT, which takes the place of the limit", variant: "Mattermost Helm chart", file: helmFile,
@@ -240,7 +240,12 @@ func TestBrokenPromisesAreCaught(t *testing.T) {
 		{
 			name: "GOMEMLIMIT that leaves the kernel's socket buffers too little", variant: "legacy", file: "legacy/deployment.yaml",
 			old: "                name: smtppool\n", new: "                name: smtppool\n          env:\n            - name: GOMEMLIMIT\n              value: \"310MiB\"\n",
-			want: "GOMEMLIMIT=310MiB is above 90 % of the memory limit 320Mi",
+			want: "GOMEMLIMIT=310MiB (325058560 bytes) is above 90 % of the memory limit 320Mi",
+		},
+		{
+			name: "an AUTOMEMLIMIT ratio that holds too few clients", variant: "Mattermost Operator", file: operatorFile,
+			old: "        env:\n", new: "        env:\n          - name: AUTOMEMLIMIT\n            value: \"0.5\"\n",
+			want: "AUTOMEMLIMIT=0.5 of the memory limit 320Mi (167772160 bytes) holds a derived client cap of 4096 waiting clients",
 		},
 		{
 			name: "a larger buffer budget without a larger limit", variant: "Mattermost Operator", file: "config/configmap.yaml",

@@ -509,8 +509,8 @@ func checkPod(t reporter, set *manifestSet, pod *corev1.Pod, sc *corev1.Containe
 	}
 	known := readmeVariables(t)
 	for k := range env {
-		if k == "GOMEMLIMIT" {
-			continue
+		if k == "GOMEMLIMIT" || k == "AUTOMEMLIMIT" {
+			continue // the Go runtime's and automemlimit's, which smtppool honours (README.md, Client capacity)
 		}
 		if !known[k] {
 			t.Errorf("%s: variable %s is not one of smtppool's (README.md's Configuration)", sc.Name, k)
@@ -1116,9 +1116,15 @@ func readCapacityRule(t reporter) capacityRule {
 }
 
 // usable is the memory smtppool uses in a container with this memory
-// limit and no GOMEMLIMIT of the operator's, as planCapacity computes it.
+// limit and no GOMEMLIMIT of the operator's: the GOMEMLIMIT it sets, as
+// automemlimit computes it.
 func (r capacityRule) usable(limit int64) int64 {
-	return limit / 100 * r.goMemLimitPercent
+	return r.share(limit, float64(r.goMemLimitPercent)/100)
+}
+
+// share is automemlimit's GOMEMLIMIT for a limit and a ratio.
+func (r capacityRule) share(limit int64, ratio float64) int64 {
+	return int64(uint64(float64(limit) * ratio))
 }
 
 // clientCap is the cap derived from the usable memory and the message
@@ -1128,11 +1134,13 @@ func (r capacityRule) clientCap(usable, budget int64) int64 {
 }
 
 // checkCapacity: the client cap that smtppool derives in the sidecar (from
-// its memory limit, or from a GOMEMLIMIT set in its environment, after the
-// ConfigMap's buffer budget) holds at least as many clients as smtppool
-// holds without a memory limit, so that the example's limit refuses no
-// client of a burst that an unlimited smtppool would take. The buffer
-// budget is set explicitly, and holds a message per upstream session.
+// its memory limit, or from a GOMEMLIMIT or AUTOMEMLIMIT in its
+// environment, after the ConfigMap's buffer budget) holds at least as many
+// clients as smtppool holds without a memory limit, so that the example's
+// limit refuses no client of a burst that an unlimited smtppool would
+// take; the memory smtppool counts on is at most 90 % of the limit. The
+// buffer budget is set explicitly, and holds a message per upstream
+// session.
 func checkCapacity(t reporter, sc *corev1.Container, env map[string]string) {
 	t.Helper()
 	rule := readCapacityRule(t)
@@ -1166,13 +1174,25 @@ func checkCapacity(t reporter, sc *corev1.Container, env map[string]string) {
 	if !ok {
 		return // checkResources reports it
 	}
-	usable, from := rule.usable(limit.Value()), fmt.Sprintf("%d %% of the memory limit %s", rule.goMemLimitPercent, limit.String())
-	if v, ok := env["GOMEMLIMIT"]; ok && v != "" && v != "off" {
-		gml := goMemLimit(t, v)
-		if gml > usable {
-			t.Errorf("%s: GOMEMLIMIT=%s is above %s (%d bytes), which leaves the kernel's socket buffers too little room before the kernel kills smtppool", sc.Name, v, from, usable)
+	// As smtppool derives it: the operator's GOMEMLIMIT; else the
+	// GOMEMLIMIT smtppool sets, 90 % of the limit or automemlimit's
+	// AUTOMEMLIMIT ratio; with either off, 90 % of the limit.
+	share := rule.usable(limit.Value())
+	usable, from := share, fmt.Sprintf("%d %% of the memory limit %s", rule.goMemLimitPercent, limit.String())
+	switch gml, auto := env["GOMEMLIMIT"], env["AUTOMEMLIMIT"]; {
+	case gml != "" && gml != "off":
+		usable, from = goMemLimit(t, gml), "GOMEMLIMIT="+gml
+	case gml == "" && auto != "" && auto != "off":
+		ratio, err := strconv.ParseFloat(auto, 64)
+		if err != nil || !(ratio > 0 && ratio <= 1) {
+			t.Errorf("%s: AUTOMEMLIMIT=%q is not a ratio in (0, 1]; smtppool would not start", sc.Name, auto)
+			return
 		}
-		usable, from = gml, "GOMEMLIMIT="+v
+		usable, from = rule.share(limit.Value(), ratio), fmt.Sprintf("AUTOMEMLIMIT=%s of the memory limit %s", auto, limit.String())
+	}
+	if usable > share {
+		t.Errorf("%s: %s (%d bytes) is above %d %% of the memory limit %s (%d bytes), which leaves the kernel's socket buffers too little room before the kernel kills smtppool",
+			sc.Name, from, usable, rule.goMemLimitPercent, limit.String(), share)
 	}
 	memCap := rule.clientCap(usable, budget)
 	if memCap < rule.unlimitedClientConns {
