@@ -209,9 +209,10 @@ func isReplyCode(err error, code int) bool {
 // one write and one reply for a message of up to 64 KiB; otherwise as
 // DATA, the message after the 354, then the final dot. When the
 // connection fails after the whole message was written and before the
-// reply, or the reply has no code, the error wraps ErrNoReply. A reply
-// that breaks the protocol but has a code (a line over 2,000 bytes,
-// "250ok") counts by its code, and the session is closed when released.
+// reply, or the reply has no code, or its code is neither acceptance nor
+// refusal (a 1xx or 3xx), the error wraps ErrNoReply. A reply that breaks
+// the protocol but has such a code (a line over 2,000 bytes, "250ok")
+// counts by its code, and the session is closed when released.
 func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error) {
 	s := c.res.Value()
 	defer s.bind(ctx)()
@@ -228,6 +229,15 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	var smtpErr *smtp.SMTPError
 	switch {
 	case err == nil:
+	case errors.As(err, &smtpErr) && sent && smtpErr.Code/100 != 4 && smtpErr.Code/100 != 5:
+		// A 1xx or 3xx (or a 2xx where a chunk wanted 250) to a message
+		// written whole is neither acceptance nor refusal: the upstream
+		// broke the protocol, and may have kept the message, as when its
+		// reply is lost. The session is out of step.
+		c.pool.cfg.OnReply("end of DATA", smtpErr.Code)
+		s.broken = true
+		return "", s.fail(ctx, "end of DATA",
+			fmt.Errorf("%w: a reply with code %d is neither acceptance nor refusal", ErrNoReply, smtpErr.Code))
 	case errors.As(err, &smtpErr):
 		if !sent { // a chunk was refused before the last was written
 			return "", c.done(ctx, "end of DATA", err, 0)

@@ -18,8 +18,9 @@ var ErrClosed = errors.New("pool closed")
 
 // ErrNoReply means the whole message, final dot or last chunk included,
 // was written and no readable reply came: the connection failed first, or
-// the reply had no reply code. The upstream may or may not have accepted
-// the message. (A reply that breaks the protocol but has a code, such as
+// the reply had no reply code, or a code that is neither acceptance nor
+// refusal (1xx, 3xx). The upstream may or may not have accepted the
+// message. (A reply that breaks the protocol but has a code, such as
 // one with a line over the limit, is the upstream's verdict.)
 var ErrNoReply = errors.New("connection lost after the end of the message, before the reply")
 

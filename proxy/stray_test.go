@@ -79,7 +79,10 @@ func TestStrayReplyInALaterPacket(t *testing.T) {
 // twice, and the client 451 4.4.0. A final reply that arrived, with a
 // line over the limit or not in the form of a reply line, is the
 // upstream's verdict: a 250 is delivered (9 copies in 20 s before), a 554
-// refused, and the session is not used again.
+// refused, and the session is not used again. A final reply with a code
+// that is neither acceptance nor refusal (354, 199) is no verdict: it
+// counts as a lost reply (before, the message was sent again for the
+// whole retry window, 34 copies in two minutes).
 func TestLostAndMalformedFinalReplies(t *testing.T) {
 	long := strings.Repeat("x", 2100)
 	tests := []struct {
@@ -93,6 +96,10 @@ func TestLostAndMalformedFinalReplies(t *testing.T) {
 		{"250 and a line over the limit", "250 2.0.0 Ok: queued as " + long, 250, 1, 1},
 		{"250 run into 2,100 bytes", "250" + long, 250, 1, 1},
 		{"554 and a line over the limit", "554 5.7.1 Refused " + long, 554, 0, 1},
+		// Neither acceptance nor refusal: no verdict, as a lost reply
+		// (the code before resent it for the whole retry window).
+		{"354 to the whole message", "354 Go ahead", 451, 2, 2},
+		{"199 to the whole message", "199 Hmm", 451, 2, 2},
 	}
 	for _, tt := range tests {
 		for _, chunking := range []bool{true, false} {
