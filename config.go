@@ -58,7 +58,7 @@ type config struct {
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
 	RateLimit          float64       `env:"SMTPPOOL_RATE_LIMIT" help:"most messages per minute sent upstream (Exchange Online allows 30 per mailbox); 0 means no limit"`
 	RateBurst          int           `env:"SMTPPOOL_RATE_BURST" help:"messages that may go at once under SMTPPOOL_RATE_LIMIT"`
-	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst; they count against SMTPPOOL_MAX_CONNS"`
+	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst, past SMTPPOOL_MAX_CONN_IDLE_TIME; they count against SMTPPOOL_MAX_CONNS"`
 	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
 	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a command that failed transiently is retried, from its first failure, before the client hears of it"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
@@ -66,7 +66,7 @@ type config struct {
 	RetryBackoffMax    time.Duration `env:"SMTPPOOL_RETRY_BACKOFF_MAX" help:"longest pause between tries"`
 	TransactionTimeout time.Duration `env:"SMTPPOOL_TRANSACTION_TIMEOUT" help:"longest a client transaction may hold an upstream session while smtppool waits for the client (a slow or stalled client, NOOPs, a message body sent slowly with DATA or in BDAT chunks); then the session is freed, nothing is relayed, and the client gets 451 4.4.2 (for a message, at its end). A command already sent upstream is not cut short: the upstream's reply is bounded by the command and data timeouts"`
 	MaxConnLifetime    time.Duration `env:"SMTPPOOL_MAX_CONN_LIFETIME" help:"renew an upstream session after this long"`
-	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" help:"close upstream sessions idle longer than this"`
+	MaxConnIdleTime    time.Duration `env:"SMTPPOOL_MAX_CONN_IDLE_TIME" help:"close upstream sessions idle longer than this (but SMTPPOOL_MIN_IDLE_CONNS): an idle session holds one of the upstream's connections, which other replicas may need"`
 	MaxMessagesPerConn int           `env:"SMTPPOOL_MAX_MESSAGES_PER_CONN" help:"renew an upstream session after this many messages"`
 	ConnectTimeout     time.Duration `env:"SMTPPOOL_CONNECT_TIMEOUT" help:"limit on dial, greeting, EHLO, STARTTLS and AUTH of a new upstream session"`
 	CommandTimeout     time.Duration `env:"SMTPPOOL_COMMAND_TIMEOUT" help:"limit on each upstream reply"`

@@ -93,7 +93,10 @@ type Config struct {
 	MaxConnLifetime time.Duration
 
 	// MaxConnIdleTime is how long a session may sit unused in the pool before
-	// the health check closes it; default 1 minute.
+	// it is closed, but for the MinIdleConns used last; default 2 seconds,
+	// as Postfix's SMTP client keeps an idle connection: an idle session
+	// holds one of the upstream's connections, which other clients of a
+	// shared upstream may need, and a burst keeps its sessions busy.
 	MaxConnIdleTime time.Duration
 
 	// MaxMessagesPerConn is the number of messages after which a session is
@@ -105,7 +108,9 @@ type Config struct {
 	PingAfterIdle time.Duration
 
 	// HealthCheckPeriod is the interval of the background check that closes
-	// idle and expired sessions; default 10 seconds.
+	// expired sessions, keeps MinIdleConns and lets the effective cap
+	// recover (idle sessions are closed on time, whatever it is); default
+	// 10 seconds.
 	HealthCheckPeriod time.Duration
 
 	// ProbeBackoff is the least pause, after a session failed to be set up
@@ -115,6 +120,9 @@ type Config struct {
 	ProbeBackoff time.Duration
 
 	// ProbeBackoffMax caps the pause between probes; default 2 seconds.
+	// While the upstream refuses sessions over its connection limit, the
+	// pause is at most 1 second: places on a full upstream come free
+	// within seconds, as other clients' bursts end.
 	ProbeBackoffMax time.Duration
 
 	// ConnectTimeout bounds dialling plus greeting, EHLO, STARTTLS and AUTH
@@ -153,7 +161,8 @@ type Config struct {
 	FailoverCooldown time.Duration
 
 	// MinIdleConns is the number of idle sessions the background check keeps
-	// open, ready for a burst; they count against MaxConns; default 0.
+	// open, ready for a burst, past MaxConnIdleTime; they count against
+	// MaxConns; default 0.
 	MinIdleConns int32
 
 	// OnReply, if set, is called with each reply of the upstream to a
@@ -178,7 +187,7 @@ func DefaultConfig() Config {
 		LocalName:          "localhost",
 		MaxConns:           5,
 		MaxConnLifetime:    10 * time.Minute,
-		MaxConnIdleTime:    time.Minute,
+		MaxConnIdleTime:    2 * time.Second,
 		MaxMessagesPerConn: 100,
 		PingAfterIdle:      5 * time.Second,
 		HealthCheckPeriod:  10 * time.Second,

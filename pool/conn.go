@@ -7,6 +7,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/emersion/go-smtp"
 	"github.com/jackc/puddle/v2"
@@ -300,7 +301,7 @@ func (c *Conn) Release() {
 		}
 		s.dirty = false
 	}
-	if reason := c.pool.retireReason(c.res, false); reason != closeNone {
+	if reason := c.pool.retireReason(c.res); reason != closeNone {
 		c.destroy(reason)
 		return
 	}
@@ -310,6 +311,7 @@ func (c *Conn) Release() {
 	}
 	c.res.Release()
 	c.pool.gate.release()
+	c.pool.checkIdleAt(time.Now().Add(c.pool.cfg.MaxConnIdleTime))
 }
 
 // Discard closes the session instead of returning it to the pool, with QUIT

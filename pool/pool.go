@@ -15,10 +15,12 @@
 package pool
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +50,13 @@ type Pool struct {
 	// cap raises the cap by one, until a refusal or MaxConns.
 	growing bool
 
+	// idleTimer wakes the background loop when the idle session that has
+	// waited longest reaches MaxConnIdleTime; idleAt is when (zero: not
+	// armed). Guarded by idleMu.
+	idleMu    sync.Mutex
+	idleTimer *time.Timer
+	idleAt    time.Time
+
 	closeOnce sync.Once
 	closed    chan struct{}
 	done      chan struct{}
@@ -66,7 +75,10 @@ func New(cfg Config) (*Pool, error) {
 		gate:   newCapGate(cfg.MaxConns),
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
+
+		idleTimer: time.NewTimer(time.Hour),
 	}
+	p.idleTimer.Stop()
 	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded); err != nil {
 		return nil, err
 	}
@@ -144,7 +156,7 @@ func (p *Pool) TryAcquire() *Conn {
 		return nil
 	}
 	s := res.Value()
-	if s.transactions > 0 && p.retireReason(res, false) != closeNone || res.IdleDuration() > p.cfg.PingAfterIdle {
+	if s.transactions > 0 && p.retireReason(res) != closeNone || res.IdleDuration() > p.cfg.PingAfterIdle {
 		res.ReleaseUnused()
 		p.gate.release()
 		return nil
@@ -190,7 +202,7 @@ func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 func (p *Pool) usable(ctx context.Context, res *puddle.Resource[*session]) bool {
 	s := res.Value()
 	if s.transactions > 0 {
-		if reason := p.retireReason(res, false); reason != closeNone {
+		if reason := p.retireReason(res); reason != closeNone {
 			p.destroy(res, reason)
 			return false
 		}
@@ -240,8 +252,8 @@ var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle",
 func (r closeReason) String() string { return closeReasonNames[r] }
 
 // retireReason says whether a session has reached a limit and must not be
-// used again. The idle limit applies to sessions sitting in the pool.
-func (p *Pool) retireReason(res *puddle.Resource[*session], idle bool) closeReason {
+// used again. The idle limit is checkIdle's.
+func (p *Pool) retireReason(res *puddle.Resource[*session]) closeReason {
 	s := res.Value()
 	switch {
 	case s.broken:
@@ -255,8 +267,6 @@ func (p *Pool) retireReason(res *puddle.Resource[*session], idle bool) closeReas
 		return closeLifetime
 	case s.messages >= p.cfg.MaxMessagesPerConn:
 		return closeMessages
-	case idle && res.IdleDuration() >= p.cfg.MaxConnIdleTime:
-		return closeIdle
 	}
 	return closeNone
 }
@@ -291,7 +301,14 @@ func (p *Pool) healthLoop() {
 	for {
 		select {
 		case <-p.closed:
+			p.idleTimer.Stop()
 			return
+		case <-p.idleTimer.C:
+			p.idleMu.Lock()
+			p.idleAt = time.Time{}
+			p.idleMu.Unlock()
+			p.checkIdle()
+			p.fillIdle()
 		case <-t.C:
 			p.checkIdle()
 			p.recover()
@@ -300,14 +317,48 @@ func (p *Pool) healthLoop() {
 	}
 }
 
-// checkIdle closes idle sessions that have expired or idled too long.
+// checkIdleAt makes the background loop check the idle sessions at t,
+// unless it is due to check them sooner.
+func (p *Pool) checkIdleAt(t time.Time) {
+	p.idleMu.Lock()
+	defer p.idleMu.Unlock()
+	if !p.idleAt.IsZero() && !t.Before(p.idleAt) {
+		return
+	}
+	p.idleAt = t
+	p.idleTimer.Reset(time.Until(t))
+}
+
+// checkIdle closes idle sessions that have expired, and those that have
+// idled MaxConnIdleTime but for the MinIdleConns used last, and arranges
+// to check again when the next one will have idled that long. An idle
+// session holds one of the upstream's connections, which other clients of
+// a shared upstream (other replicas) may need: it is kept for the next
+// transactions of a burst, not for the next burst.
 func (p *Pool) checkIdle() {
-	for _, res := range p.p.AcquireAllIdle() {
-		if reason := p.retireReason(res, true); reason != closeNone {
+	idle := p.p.AcquireAllIdle()
+	slices.SortFunc(idle, func(a, b *puddle.Resource[*session]) int { return cmp.Compare(a.IdleDuration(), b.IdleDuration()) })
+	var kept int32
+	next := time.Duration(-1)
+	for _, res := range idle {
+		reason := p.retireReason(res)
+		idleFor := res.IdleDuration()
+		if reason == closeNone && kept >= p.cfg.MinIdleConns && idleFor >= p.cfg.MaxConnIdleTime {
+			reason = closeIdle
+		}
+		if reason != closeNone {
 			p.destroy(res, reason)
 			continue
 		}
+		if kept < p.cfg.MinIdleConns {
+			kept++
+		} else if left := p.cfg.MaxConnIdleTime - idleFor; next < 0 || left < next {
+			next = left
+		}
 		res.ReleaseUnused()
+	}
+	if next >= 0 {
+		p.checkIdleAt(time.Now().Add(next))
 	}
 }
 

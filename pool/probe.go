@@ -39,8 +39,12 @@ const (
 // down) or wait until one is (the entry is full).
 type prober struct {
 	base, max time.Duration
-	up        atomic.Bool // the last dial or health check succeeded
-	log       *slog.Logger
+	// fullMax caps the pause while the entry is full: a full upstream
+	// frees places within seconds (other clients' bursts end, their idle
+	// sessions close), and whoever probes first takes them.
+	fullMax time.Duration
+	up      atomic.Bool // the last dial or health check succeeded
+	log     *slog.Logger
 	// recovered, if set, is called when a probe succeeds after the entry
 	// was full.
 	recovered func()
@@ -154,11 +158,15 @@ func (pr *prober) record(ctx context.Context, err error, probe bool) {
 	case pr.state != stateDown && state == stateDown:
 		pr.log.Warn("upstream unreachable; probing it, one dial at a time", "err", err)
 	}
+	ceiling := pr.max
+	if state == stateFull {
+		ceiling = min(pr.max, pr.fullMax)
+	}
 	switch {
 	case pr.state == stateOK:
-		pr.delay = pr.base
+		pr.delay = min(pr.base, ceiling)
 	case probe:
-		pr.delay = min(2*pr.delay, pr.max)
+		pr.delay = min(2*pr.delay, ceiling)
 	}
 	pr.state, pr.lastErr = state, err
 	if state == stateDown {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"sync/atomic"
+	"time"
 )
 
 // upstream is one entry of Config.Addr, with its own prober and its own
@@ -19,6 +20,10 @@ type upstream struct {
 	// the warning that this entry offers no STARTTLS is not repeated.
 	plainUntil atomic.Int64
 }
+
+// fullProbeBackoffMax caps the pause between probes of the last (or only)
+// entry while it refuses sessions over its connection limit.
+const fullProbeBackoffMax = time.Second
 
 // newUpstreams makes the entries of cfg.Addr. Each but the last is skipped
 // for FailoverCooldown after a failure, since the next one can serve; the
@@ -37,9 +42,10 @@ func newUpstreams(cfg Config, recovered func()) ([]*upstream, error) {
 			u.tls = cfg.TLSConfig.Clone()
 			u.tls.ServerName = host
 		}
-		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, log: cfg.Logger.With("upstream", addr), recovered: recovered}
+		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, fullMax: fullProbeBackoffMax,
+			log: cfg.Logger.With("upstream", addr), recovered: recovered}
 		if i < len(addrs)-1 {
-			u.probe.base, u.probe.max = cfg.FailoverCooldown, cfg.FailoverCooldown
+			u.probe.base, u.probe.max, u.probe.fullMax = cfg.FailoverCooldown, cfg.FailoverCooldown, cfg.FailoverCooldown
 		}
 		ups[i] = u
 	}

@@ -295,12 +295,25 @@ type BurstOptions struct {
 // SendBurst sends every message over its own connection, concurrently, and
 // returns the results in the order of msgs.
 func SendBurst(addr string, msgs []Message, o BurstOptions) []Result {
-	results := make([]Result, len(msgs))
+	return SendBursts([]string{addr}, [][]Message{msgs}, o)[0]
+}
+
+// SendBursts sends bursts[i] to addrs[i], every message over its own
+// connection, all bursts at the same moment, as several chat-server
+// replicas do after one post; SyncGreeting holds every client of every
+// burst until all have their greeting. It returns the results of each
+// burst in the order of its messages. Spacing applies to each burst.
+func SendBursts(addrs []string, bursts [][]Message, o BurstOptions) [][]Result {
+	all := make([][]Result, len(bursts))
+	total := 0
+	for _, msgs := range bursts {
+		total += len(msgs)
+	}
 	var greeted, done sync.WaitGroup
 	release := make(chan struct{})
 	opts := SendOptions{Timeout: o.Timeout}
 	if o.SyncGreeting {
-		greeted.Add(len(msgs))
+		greeted.Add(total)
 		opts.OnGreeting = func(code int) {
 			greeted.Done()
 			if code == 220 {
@@ -312,23 +325,31 @@ func SendBurst(addr string, msgs []Message, o BurstOptions) []Result {
 			close(release)
 		}()
 	}
-	var tick *time.Ticker
-	if o.Spacing > 0 {
-		tick = time.NewTicker(o.Spacing)
-		defer tick.Stop()
-	}
-	for i, m := range msgs {
-		if tick != nil && i > 0 {
-			<-tick.C
-		}
+	for b, msgs := range bursts {
+		results := make([]Result, len(msgs))
+		all[b] = results
 		done.Add(1)
 		go func() {
 			defer done.Done()
-			results[i] = SendMail(addr, m, opts)
+			var tick *time.Ticker
+			if o.Spacing > 0 {
+				tick = time.NewTicker(o.Spacing)
+				defer tick.Stop()
+			}
+			for i, m := range msgs {
+				if tick != nil && i > 0 {
+					<-tick.C
+				}
+				done.Add(1)
+				go func() {
+					defer done.Done()
+					results[i] = SendMail(addrs[b], m, opts)
+				}()
+			}
 		}()
 	}
 	done.Wait()
-	return results
+	return all
 }
 
 // SendBurstLimited sends every message over its own connection, as
