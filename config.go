@@ -56,10 +56,10 @@ type config struct {
 	OAuth2TokenFile        string   `env:"SMTPPOOL_OAUTH2_TOKEN_FILE" help:"xoauth2: instead of the grant, a file holding a token that an external agent keeps fresh; read again when it changes"`
 
 	MaxConns           int32         `env:"SMTPPOOL_MAX_CONNS" help:"hard cap on upstream connections, never exceeded"`
-	RateLimit          float64       `env:"SMTPPOOL_RATE_LIMIT" help:"most messages per minute sent upstream (Exchange Online allows 30 per mailbox); 0 means no limit"`
+	RateLimit          float64       `env:"SMTPPOOL_RATE_LIMIT" help:"most messages per minute sent upstream, for an upstream that refuses messages beyond a rate; 0 means no limit. Not for Exchange Online: beyond 30 messages a minute per mailbox it delays delivery, it does not refuse, and its limit is its 3 sessions (SMTPPOOL_MAX_CONNS)"`
 	RateBurst          int           `env:"SMTPPOOL_RATE_BURST" help:"messages that may go at once under SMTPPOOL_RATE_LIMIT"`
 	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst, past SMTPPOOL_MAX_CONN_IDLE_TIME; they count against SMTPPOOL_MAX_CONNS"`
-	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space"`
+	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space; with SMTPPOOL_RETRY_TIMEOUT, within the 5 minutes RFC 5321 gives a client for the reply to MAIL"`
 	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a command that failed transiently is retried, from its first failure, before the client hears of it"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`
@@ -377,6 +377,7 @@ func (c *config) poolConfig(logger *slog.Logger) (pool.Config, error) {
 		MaxConnLifetime:    c.MaxConnLifetime,
 		MaxConnIdleTime:    c.MaxConnIdleTime,
 		MaxMessagesPerConn: c.MaxMessagesPerConn,
+		AcquireTimeout:     c.AcquireTimeout,
 		ConnectTimeout:     c.ConnectTimeout,
 		CommandTimeout:     c.CommandTimeout,
 		DataTimeout:        c.DataTimeout,
@@ -572,4 +573,32 @@ Environment:
 	for _, v := range envVars() {
 		fmt.Fprintf(w, "  %s (default %s)\n      %s\n", v.key, v.def, v.help)
 	}
+}
+
+// mailReplyTimeout is how long RFC 5321 (section 4.5.3.2.2) lets a client
+// wait for the reply to MAIL, where smtppool holds a client that waits
+// for a session.
+const mailReplyTimeout = 5 * time.Minute
+
+// waitWarnings returns warnings for the start-up log about how long
+// clients wait: a rate limit that cannot let the clients smtppool holds
+// through within the acquire timeout, and waits longer than a client that
+// keeps to RFC 5321 waits for the reply to MAIL.
+func (c *config) waitWarnings() []string {
+	var warnings []string
+	if c.RateLimit > 0 {
+		through := c.RateLimit*c.AcquireTimeout.Minutes() + float64(c.RateBurst)
+		if through < float64(c.MaxClientConns) {
+			warnings = append(warnings, fmt.Sprintf("SMTPPOOL_RATE_LIMIT (%v a minute) lets %d messages through in SMTPPOOL_ACQUIRE_TIMEOUT (%v), "+
+				"fewer than the %d clients SMTPPOOL_MAX_CLIENT_CONNS lets wait: the rest of a larger burst gets 451 4.4.5 at the acquire timeout. "+
+				"Exchange Online needs no rate limit: beyond 30 messages a minute it delays delivery, it does not refuse",
+				c.RateLimit, int64(through), c.AcquireTimeout, c.MaxClientConns))
+		}
+	}
+	if c.AcquireTimeout+c.RetryTimeout > mailReplyTimeout {
+		warnings = append(warnings, fmt.Sprintf("SMTPPOOL_ACQUIRE_TIMEOUT (%v) and SMTPPOOL_RETRY_TIMEOUT (%v) add up to more than the %v RFC 5321 gives a client for the reply to MAIL: "+
+			"a client that keeps to it may give up before smtppool answers (Mattermost waits without a limit)",
+			c.AcquireTimeout, c.RetryTimeout, mailReplyTimeout))
+	}
+	return warnings
 }

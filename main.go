@@ -126,6 +126,9 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	if w := cfg.accessWarning(); w != "" {
 		logger.Warn(w)
 	}
+	for _, w := range cfg.waitWarnings() {
+		logger.Warn(w)
+	}
 	if demo {
 		logger.Info("demo: send a message with: swaks --server " + ln.Addr().String() + " --to someone@example.com")
 	}

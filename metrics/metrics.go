@@ -5,6 +5,7 @@
 package metrics
 
 import (
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -111,7 +112,7 @@ func (m *Proxy) UpstreamReply(stage string, code int) {
 type poolCollector struct {
 	stat  func() pool.Stat
 	descs struct {
-		conns, maxConns, effective, up, waiting, opened, closed, failures, auths, messages, acquires, waited, canceled *prometheus.Desc
+		conns, maxConns, effective, up, waiting, drainSeconds, drainLate, opened, closed, failures, auths, messages, acquires, waited, canceled *prometheus.Desc
 	}
 }
 
@@ -129,6 +130,8 @@ func RegisterPool(reg prometheus.Registerer, p *pool.Pool, upstream string) {
 		"1 when the last set-up or health check of a connection to this upstream entry succeeded; 0 before the first and after a failure.",
 		[]string{"upstream"}, nil)
 	c.descs.waiting = d("transactions_waiting", "Transactions waiting now for an upstream connection: the backpressure queue.")
+	c.descs.drainSeconds = d("transactions_drain_seconds", "How long the transactions waiting now would take to get an upstream connection at the pace connections were handed out over the last minute (or since the queue formed): 0 with none waiting, +Inf when none was handed out.")
+	c.descs.drainLate = d("transactions_drain_late", "1 while the transactions waiting cannot all get an upstream connection within SMTPPOOL_ACQUIRE_TIMEOUT at the pace of the last minute: the last of them will time out.")
 	c.descs.opened = d("upstream_connections_opened_total", "Upstream connections set up (dialled, greeted, upgraded, authenticated).")
 	c.descs.closed = d("upstream_connections_closed_total", "Upstream connections closed, by reason.", "reason")
 	c.descs.failures = d("upstream_connect_failures_total", "Upstream connections that failed to be set up.")
@@ -142,7 +145,7 @@ func RegisterPool(reg prometheus.Registerer, p *pool.Pool, upstream string) {
 
 // Describe implements prometheus.Collector.
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.descs.conns, c.descs.maxConns, c.descs.effective, c.descs.up, c.descs.waiting, c.descs.opened,
+	for _, d := range []*prometheus.Desc{c.descs.conns, c.descs.maxConns, c.descs.effective, c.descs.up, c.descs.waiting, c.descs.drainSeconds, c.descs.drainLate, c.descs.opened,
 		c.descs.closed, c.descs.failures, c.descs.auths, c.descs.messages, c.descs.acquires, c.descs.waited, c.descs.canceled} {
 		ch <- d
 	}
@@ -170,6 +173,16 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.descs.up, up, u.Addr)
 	}
 	gauge(c.descs.waiting, float64(s.PendingAcquires))
+	drain := s.DrainTime.Seconds()
+	if s.DrainTime == math.MaxInt64 {
+		drain = math.Inf(1)
+	}
+	gauge(c.descs.drainSeconds, drain)
+	late := 0.0
+	if s.DrainLate {
+		late = 1
+	}
+	gauge(c.descs.drainLate, late)
 	counter(c.descs.opened, s.ConnsOpened)
 	for reason, n := range map[string]int64{"broken": s.ClosedBroken, "lifetime": s.ClosedLifetime, "idle": s.ClosedIdle,
 		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "shutdown": s.ClosedShutdown,

@@ -160,6 +160,13 @@ type Config struct {
 	// when another entry follows it; default 30 seconds.
 	FailoverCooldown time.Duration
 
+	// AcquireTimeout is how long the pool's users let Acquire wait for a
+	// session (they bound the wait with its context). The pool watches
+	// the transactions waiting: when they cannot all get a session within
+	// it at the rate sessions were handed out over the last minute, it
+	// warns in the log and Stat.DrainLate says so; default 3 minutes.
+	AcquireTimeout time.Duration
+
 	// MinIdleConns is the number of idle sessions the background check keeps
 	// open, ready for a burst, past MaxConnIdleTime; they count against
 	// MaxConns; default 0.
@@ -197,6 +204,7 @@ func DefaultConfig() Config {
 		CommandTimeout:     time.Minute,
 		DataTimeout:        10 * time.Minute,
 		CapRecovery:        time.Minute,
+		AcquireTimeout:     3 * time.Minute,
 		RateBurst:          1,
 		SlowDown:           time.Minute,
 		FailoverCooldown:   30 * time.Second,
@@ -231,6 +239,7 @@ func (c Config) withDefaults() (Config, error) {
 	setDefault(&c.CommandTimeout, d.CommandTimeout)
 	setDefault(&c.DataTimeout, d.DataTimeout)
 	setDefault(&c.CapRecovery, d.CapRecovery)
+	setDefault(&c.AcquireTimeout, d.AcquireTimeout)
 	setDefault(&c.RateBurst, d.RateBurst)
 	setDefault(&c.SlowDown, d.SlowDown)
 	setDefault(&c.FailoverCooldown, d.FailoverCooldown)
@@ -247,7 +256,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	if c.MaxConns < 0 || c.MinIdleConns < 0 || c.MaxConnLifetime < 0 || c.MaxConnIdleTime < 0 || c.MaxMessagesPerConn < 0 ||
-		c.RateLimit < 0 || c.RateBurst < 0 || c.CapRecovery < 0 || c.SlowDown < 0 || c.FailoverCooldown < 0 ||
+		c.RateLimit < 0 || c.RateBurst < 0 || c.CapRecovery < 0 || c.AcquireTimeout < 0 || c.SlowDown < 0 || c.FailoverCooldown < 0 ||
 		c.PingAfterIdle < 0 || c.ProbeBackoff < 0 || c.ProbeBackoffMax < 0 || c.HealthCheckPeriod < 0 || c.ConnectTimeout < 0 || c.CommandTimeout < 0 || c.DataTimeout < 0 {
 		return c, errors.New("pool: Config limits and durations must not be negative")
 	}

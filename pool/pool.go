@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,14 @@ type Pool struct {
 	// cap raises the cap by one, until a refusal or MaxConns.
 	growing bool
 
+	// drain judges the queue of Acquire calls for the background loop,
+	// which publishes its estimate in drainTime and drainLate.
+	drain     drainWatch
+	drainTime atomic.Int64 // a time.Duration
+	drainLate atomic.Bool
+	drainLog  time.Time // when the loop last warned that the queue is late
+	drainSaid bool      // it warned, and has not said since that the queue is fine
+
 	// idleTimer wakes the background loop when the idle session that has
 	// waited longest reaches MaxConnIdleTime; idleAt is when (zero: not
 	// armed). Guarded by idleMu.
@@ -77,6 +86,7 @@ func New(cfg Config) (*Pool, error) {
 		done:   make(chan struct{}),
 
 		idleTimer: time.NewTimer(time.Hour),
+		drain:     drainWatch{timeout: cfg.AcquireTimeout, minSpan: min(10*time.Second, cfg.AcquireTimeout/4)},
 	}
 	p.idleTimer.Stop()
 	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded); err != nil {
@@ -121,6 +131,7 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 		}
 		c, err := p.acquire(ctx)
 		if err == nil {
+			p.stats.handedOut.Add(1)
 			return c, nil
 		}
 		p.gate.release()
@@ -162,6 +173,7 @@ func (p *Pool) TryAcquire() *Conn {
 		return nil
 	}
 	s.transactions++
+	p.stats.handedOut.Add(1)
 	return &Conn{res: res, pool: p}
 }
 
@@ -298,11 +310,15 @@ func (p *Pool) healthLoop() {
 	defer close(p.done)
 	t := time.NewTicker(p.cfg.HealthCheckPeriod)
 	defer t.Stop()
+	drainTick := time.NewTicker(max(min(time.Second, p.cfg.AcquireTimeout/20), time.Millisecond))
+	defer drainTick.Stop()
 	for {
 		select {
 		case <-p.closed:
 			p.idleTimer.Stop()
 			return
+		case now := <-drainTick.C:
+			p.judgeQueue(now)
 		case <-p.idleTimer.C:
 			p.idleMu.Lock()
 			p.idleAt = time.Time{}
@@ -314,6 +330,34 @@ func (p *Pool) healthLoop() {
 			p.recover()
 			p.fillIdle()
 		}
+	}
+}
+
+// judgeQueue judges, at now, whether the Acquire calls waiting can all
+// get a session within AcquireTimeout at the pace of the last minute, and
+// warns when they cannot, before their clients time out: at most once a
+// minute. A late queue is fine again once it would drain within three
+// quarters of the timeout, so that a queue near the limit does not flap.
+func (p *Pool) judgeQueue(now time.Time) {
+	e := p.drain.observe(now, p.stats.handedOut.Load(), p.waiting.Load())
+	p.drainTime.Store(int64(e.time))
+	was := p.drainLate.Load()
+	late := e.late || was && e.time > p.cfg.AcquireTimeout/4*3
+	p.drainLate.Store(late)
+	switch {
+	case late && now.Sub(p.drainLog) >= time.Minute:
+		p.drainLog, p.drainSaid = now, true
+		drain := "never: no session was handed out"
+		if e.time != math.MaxInt64 {
+			drain = e.time.Round(time.Second).String()
+		}
+		p.log.Warn("transactions waiting for an upstream session cannot all get one within the acquire timeout at the pace of the last minute; the last of them will time out",
+			"waiting", e.waiting, "sessions_per_minute", math.Round(e.perMinute), "drain_time", drain,
+			"acquire_timeout", p.cfg.AcquireTimeout.String(), "open_conns", p.established(),
+			"effective_max_conns", p.gate.current(), "max_conns", p.cfg.MaxConns)
+	case !late && p.drainSaid:
+		p.drainSaid = false
+		p.log.Info("transactions waiting for an upstream session can all get one within the acquire timeout again", "waiting", e.waiting)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 
 // counters are the pool's own running totals, beside puddle's.
 type counters struct {
+	handedOut       atomic.Int64 // sessions returned by Acquire and TryAcquire
 	connsOpened     atomic.Uint64
 	connectFailures atomic.Int64
 	auths           atomic.Int64
@@ -35,6 +36,17 @@ type Stat struct {
 	// PendingAcquires is the number of Acquire calls waiting now, for a
 	// conn to be released or set up: the backpressure queue.
 	PendingAcquires int32
+	// DrainTime is how long the Acquire calls waiting would take to get a
+	// conn at the rate conns were handed out over the last minute (or
+	// since the queue formed, if later), as the background loop last
+	// judged it: 0 with none waiting, or before the queue has lasted long
+	// enough to be judged; math.MaxInt64 when none was handed out.
+	DrainTime time.Duration
+	// DrainLate reports whether DrainTime is above Config.AcquireTimeout:
+	// the last of the waiting calls will time out unless the pace rises.
+	// Once set, it stays set until DrainTime falls below three quarters
+	// of the timeout.
+	DrainLate bool
 
 	// AcquireCount counts successful acquisitions of a conn.
 	AcquireCount int64
@@ -106,6 +118,8 @@ func (p *Pool) Stat() Stat {
 		IdleConns:            ps.IdleResources(),
 		ConstructingConns:    ps.ConstructingResources(),
 		PendingAcquires:      p.waiting.Load(),
+		DrainTime:            time.Duration(p.drainTime.Load()),
+		DrainLate:            p.drainLate.Load(),
 		AcquireCount:         ps.AcquireCount(),
 		EmptyAcquireCount:    ps.EmptyAcquireCount(),
 		EmptyAcquireWaitTime: ps.EmptyAcquireWaitTime(),

@@ -45,8 +45,9 @@ type Config struct {
 	MaxRecipients int
 
 	// AcquireTimeout is how long a transaction waits for a free upstream
-	// session, or for buffer space, before it gets 451 4.4.5; default 2
-	// minutes.
+	// session, or for buffer space, before it gets 451 4.4.5; default 3
+	// minutes: with RetryTimeout, within the 5 minutes RFC 5321 gives a
+	// client for the reply to MAIL.
 	AcquireTimeout time.Duration
 
 	// RetryTimeout is how long, from its first transient failure, a
@@ -129,7 +130,7 @@ func DefaultConfig() Config {
 		Hostname:           "localhost",
 		MaxMessageBytes:    32 << 20,
 		MaxRecipients:      100,
-		AcquireTimeout:     2 * time.Minute,
+		AcquireTimeout:     3 * time.Minute,
 		RetryTimeout:       2 * time.Minute,
 		RetryBackoff:       250 * time.Millisecond,
 		RetryBackoffMax:    4 * time.Second,
