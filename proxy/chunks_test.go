@@ -64,11 +64,18 @@ func (c *tlsClient) must(t *testing.T, line string, want int) {
 // configuration that trusts it.
 func newTLSEnv(t *testing.T) (*testEnv, *tls.Config) {
 	t.Helper()
+	return newTLSEnvWith(t, proxy.Config{})
+}
+
+// newTLSEnvWith is newTLSEnv with the proxy's settings pc.
+func newTLSEnvWith(t *testing.T, pc proxy.Config) (*testEnv, *tls.Config) {
+	t.Helper()
 	cfg, roots, err := memsmtp.SelfSigned("localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEnv(t, options{proxy: proxy.Config{Access: proxy.AccessConfig{TLSConfig: cfg}}})
+	pc.Access.TLSConfig = cfg
+	e := newEnv(t, options{proxy: pc})
 	return e, &tls.Config{RootCAs: roots, ServerName: "localhost"}
 }
 

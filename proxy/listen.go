@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -331,6 +332,11 @@ type clientConn struct {
 	closing atomic.Bool  // Close was called
 	reading atomic.Int32 // reads of the connection in progress, the server's or a watch's
 
+	// inMessage says the client is in the middle of a message, from the
+	// start of Data until the transaction ends; interrupted says the read
+	// deadline is interruptRead's, not the server's. See Read.
+	inMessage, interrupted atomic.Bool
+
 	watchID int32 // the Listener's departures watch in force, 0 for none; guarded by departures.mu
 }
 
@@ -390,7 +396,27 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	if err == io.EOF {
 		c.eof.Store(true)
 	}
+	if errors.Is(err, os.ErrDeadlineExceeded) && !c.interrupted.Load() {
+		err = c.timedOut(err)
+	}
 	return n, err
+}
+
+// timedOut handles the client timeout (the server's read deadline), err:
+// the connection ends once the reply being written has been sent. go-smtp
+// ends it itself after a command's timeout, but in a message it answers
+// and reads on (the rest of a DATA body it drains, a BDAT chunk it copies
+// or discards), and would take the rest of the message, once the client
+// resumed, for commands: a message hidden in it would be relayed. In a
+// message, the read fails with the client's reply, 421 4.4.2, which go-smtp
+// gives the client for a BDAT chunk as it is (and, for a plain error, a
+// 554 that names the connection's addresses).
+func (c *clientConn) timedOut(err error) error {
+	c.hangUp()
+	if c.inMessage.Load() {
+		return replyMessageTimeout
+	}
+	return err
 }
 
 // keepTail remembers the last bytes the client sent; rmu must be held.
@@ -438,8 +464,11 @@ func (c *clientConn) SetDeadline(t time.Time) error {
 }
 
 // interruptRead makes a read of the connection in progress, the server's,
-// return at once with a timeout.
-func (c *clientConn) interruptRead() { c.Conn.SetReadDeadline(time.Unix(1, 0)) }
+// return at once with a timeout, which is not the client's.
+func (c *clientConn) interruptRead() {
+	c.interrupted.Store(true)
+	c.Conn.SetReadDeadline(time.Unix(1, 0))
+}
 
 // restoreReadDeadline gives the server's read deadline back after
 // interruptRead.
@@ -447,6 +476,7 @@ func (c *clientConn) restoreReadDeadline() {
 	c.rmu.Lock()
 	c.Conn.SetReadDeadline(c.readDeadline)
 	c.rmu.Unlock()
+	c.interrupted.Store(false)
 }
 
 // hangUp ends the connection once the reply being written has been sent:

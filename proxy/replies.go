@@ -25,6 +25,8 @@ var (
 		Message: "smtppool is shutting down; try again later"}
 	replyClientRead = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Error reading the message"}
+	replyMessageTimeout = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
+		Message: "Timeout waiting for the rest of the message; closing the connection"}
 	replyClientGone = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 		Message: "Transaction ended"}
 	replyTransactionTimeout = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2},

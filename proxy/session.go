@@ -134,7 +134,7 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // delivered every byte their commands declared (see chunks.go).
 func (s *session) Data(r io.Reader) error {
 	pipe, chunked := r.(*io.PipeReader) // go-smtp's BDAT pipe
-	tx := s.current()
+	tx := s.beginMessage(chunked)
 	if tx == nil {
 		return replyNoTransaction
 	}
@@ -248,6 +248,19 @@ func (s *session) current() *transaction {
 	return s.tx
 }
 
+// beginMessage returns the current transaction, and tells the client
+// connection that the client is in the middle of a message until the
+// transaction ends (see clientConn.timedOut). For BDAT, go-smtp calls Data
+// on a goroutine of its own, which may come after the transaction ended.
+func (s *session) beginMessage(chunked bool) *transaction {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil && (s.tx != nil || !chunked) {
+		s.conn.inMessage.Store(true)
+	}
+	return s.tx
+}
+
 // detach forgets tx if it is still the current transaction.
 func (s *session) detach(tx *transaction) {
 	s.mu.Lock()
@@ -264,6 +277,9 @@ func (s *session) endTransaction() {
 	s.mu.Lock()
 	tx := s.tx
 	s.tx = nil
+	if s.conn != nil {
+		s.conn.inMessage.Store(false)
+	}
 	s.mu.Unlock()
 	if tx != nil {
 		tx.end()
