@@ -216,6 +216,10 @@ func NewServer(ctx context.Context, p *pool.Pool, cfg Config) *smtp.Server {
 // NewSession implements smtp.Backend. go-smtp calls it at the client's
 // first EHLO or HELO, after the greeting was sent.
 func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	return &session{b: b, client: c.Conn().RemoteAddr().String(), smtp: c, conn: clientConnOf(c.Conn()),
+	cc := clientConnOf(c.Conn())
+	if _, tls := c.TLSConnectionState(); tls && cc != nil {
+		cc.encrypted.Store(true)
+	}
+	return &session{b: b, client: c.Conn().RemoteAddr().String(), smtp: c, conn: cc,
 		access: newAccessState(c)}, nil
 }

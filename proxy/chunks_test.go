@@ -2,13 +2,17 @@ package proxy_test
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"net/textproto"
 	"strconv"
 	"testing"
 	"time"
 
+	"github.com/emersion/go-smtp"
+
 	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
 
@@ -64,18 +68,18 @@ func (c *tlsClient) must(t *testing.T, line string, want int) {
 // configuration that trusts it.
 func newTLSEnv(t *testing.T) (*testEnv, *tls.Config) {
 	t.Helper()
-	return newTLSEnvWith(t, proxy.Config{})
+	return newTLSEnvWith(t, options{})
 }
 
-// newTLSEnvWith is newTLSEnv with the proxy's settings pc.
-func newTLSEnvWith(t *testing.T, pc proxy.Config) (*testEnv, *tls.Config) {
+// newTLSEnvWith is newTLSEnv with the options o.
+func newTLSEnvWith(t *testing.T, o options) (*testEnv, *tls.Config) {
 	t.Helper()
 	cfg, roots, err := memsmtp.SelfSigned("localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
-	pc.Access.TLSConfig = cfg
-	e := newEnv(t, options{proxy: pc})
+	o.proxy.Access.TLSConfig = cfg
+	e := newEnv(t, o)
 	return e, &tls.Config{RootCAs: roots, ServerName: "localhost"}
 }
 
@@ -176,6 +180,82 @@ func TestBDATPipelinedWithQUITAndHalfCloseIsRelayed(t *testing.T) {
 			}
 			if n := len(e.up.Messages()); n != 1 {
 				t.Errorf("upstream kept %d messages, want 1", n)
+			}
+		})
+	}
+}
+
+// TestPipelinedSessionOverTLSIsServedWhileWaiting: over STARTTLS, a client
+// that pipelines its whole session (MAIL, RCPT, BDAT n LAST with its data,
+// QUIT) and then ends its side of the stream (close_notify and a FIN, or a
+// FIN alone) while smtppool waits on its behalf (for the only upstream
+// session, or for a slow upstream's reply to RCPT) still wants its replies:
+// its message is delivered, and it hears 250 to each command and 221. The
+// proxy cannot read a QUIT in TLS records, and took the end of the stream
+// for a client that had left: 451 4.3.0, then 502s, and the message lost.
+func TestPipelinedSessionOverTLSIsServedWhileWaiting(t *testing.T) {
+	for _, tt := range []struct {
+		name                  string
+		closeNotify, slowRcpt bool
+	}{
+		{name: "for a session, close_notify and FIN", closeNotify: true},
+		{name: "for a session, FIN alone"},
+		{name: "for the reply to RCPT, close_notify and FIN", closeNotify: true, slowRcpt: true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+			serverTLS, roots, err := memsmtp.SelfSigned("localhost")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			srv := proxy.NewServer(ctx, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}})
+			ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go srv.Serve(ln)
+			defer srv.Close()
+
+			var holder *smtp.Client
+			if tt.slowRcpt {
+				e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{Delay: 300 * time.Millisecond})
+			} else {
+				holder = holdSession(t, e)
+			}
+			c := startTLS(t, rawDial(t, ln.Addr().String()), &tls.Config{RootCAs: roots, ServerName: "localhost"})
+			c.must(t, "EHLO client.test", 250)
+			msg := message("pipelined-tls")
+			c.write(t, "MAIL FROM:<app@example.com>\r\nRCPT TO:<user@example.com>\r\nBDAT "+strconv.Itoa(len(msg))+" LAST\r\n"+msg+"QUIT\r\n")
+			if holder != nil {
+				memsmtp.WaitFor(t, "the client to wait for the session", func() bool { return e.pool.Stat().PendingAcquires == 1 })
+			}
+			if tt.closeNotify {
+				if err := c.conn.CloseWrite(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := c.raw.conn.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			if holder != nil {
+				memsmtp.WaitFor(t, "smtppool to read the end of the client's stream", func() bool { return proxy.StreamsEnded(ln) == 1 || ln.Open() == 0 })
+				finish(t, holder, "user@example.com", message("held"))
+			}
+			for i, want := range []int{250, 250, 250, 221} {
+				if code, msg := c.reply(); code != want {
+					t.Errorf("reply %d: %d %s, want %d", i+1, code, msg, want)
+				}
+			}
+			var n int
+			for _, m := range e.up.Messages() {
+				if m.MessageID() == "<pipelined-tls@test>" {
+					n++
+				}
+			}
+			if n != 1 {
+				t.Errorf("upstream kept %d copies of the pipelined message, want 1", n)
 			}
 		})
 	}

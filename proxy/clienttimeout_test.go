@@ -58,7 +58,7 @@ func TestClientTimeoutInAMessageEndsTheConnection(t *testing.T) {
 			var c conversation
 			if tt.tls {
 				var cfg *tls.Config
-				e, cfg = newTLSEnvWith(t, tt.proxy)
+				e, cfg = newTLSEnvWith(t, options{proxy: tt.proxy})
 				c = tlsConversation{t, startTLS(t, rawDial(t, e.addr), cfg)}
 			} else {
 				e = newEnv(t, options{proxy: tt.proxy})

@@ -4,6 +4,7 @@ package proxy_test
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"runtime"
 	"strings"
@@ -114,4 +115,58 @@ func TestClosingConnectionsEndsTheWaits(t *testing.T) {
 	waitingClients(t, e, ln.Addr().String(), 20)
 	ln.CloseConnections()
 	memsmtp.WaitFor(t, "the waits to end once their connections were closed", func() bool { return e.pool.Stat().PendingAcquires == 0 })
+}
+
+// TestTLSClientThatLeavesWhileWaiting: over TLS, a client that resets its
+// connection while it waits stops waiting at once, as in plain text. One
+// that closes its side (close_notify and a FIN) may have pipelined a QUIT
+// that the proxy cannot see in the TLS records
+// (TestPipelinedSessionOverTLSIsServedWhileWaiting), so it keeps its place;
+// when its turn comes, go-smtp finds the end of its stream, and with an
+// upstream that offers PIPELINING (its MAIL waits for a RCPT) nothing of it
+// reaches the upstream.
+func TestTLSClientThatLeavesWhileWaiting(t *testing.T) {
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
+	serverTLS, roots, err := memsmtp.SelfSigned("localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	srv := proxy.NewServer(ctx, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}})
+	ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	holder := holdSession(t, e)
+	clientTLS := &tls.Config{RootCAs: roots, ServerName: "localhost"}
+	var clients []*tlsClient
+	for range 2 {
+		c := startTLS(t, rawDial(t, ln.Addr().String()), clientTLS)
+		c.must(t, "EHLO waiter.test", 250)
+		c.write(t, "MAIL FROM:<app@example.com>\r\n")
+		clients = append(clients, c)
+	}
+	memsmtp.WaitFor(t, "both clients to wait", func() bool { return e.pool.Stat().PendingAcquires == 2 })
+
+	clients[0].raw.conn.SetLinger(0)
+	clients[0].raw.conn.Close()
+	memsmtp.WaitFor(t, "the client that reset to leave the queue", func() bool { return e.pool.Stat().PendingAcquires == 1 })
+
+	clients[1].conn.CloseWrite()
+	clients[1].raw.conn.CloseWrite()
+	memsmtp.WaitFor(t, "smtppool to read the end of the stream", func() bool { return proxy.StreamsEnded(ln) == 1 })
+	if n := e.pool.Stat().PendingAcquires; n != 1 {
+		t.Errorf("%d transactions wait after the TLS client closed its side, want it still waiting", n)
+	}
+	finish(t, holder, "user@example.com", message("held"))
+	if code, msg := clients[1].reply(); code != 250 {
+		t.Errorf("the closed TLS client's MAIL, on its turn: %d %s, want 250", code, msg)
+	}
+	memsmtp.WaitFor(t, "its connection to end", func() bool { return ln.Open() == 0 })
+	if n := e.up.Stats().Commands["MAIL"]; n != 1 {
+		t.Errorf("upstream saw %d MAIL, want only the holder's", n)
+	}
 }

@@ -22,3 +22,17 @@ func OnHeldPastTimeout(srv *smtp.Server, f func(time.Duration)) {
 // ReplyLostTwice is the reply to a message whose resend lost its reply
 // too, after its first sending had: it may have been delivered.
 var ReplyLostTwice = replyLostTwice
+
+// StreamsEnded returns how many of ln's open client connections have met
+// the end of their client's stream.
+func StreamsEnded(ln *Listener) int {
+	ln.mu.Lock()
+	defer ln.mu.Unlock()
+	n := 0
+	for c := range ln.conns {
+		if c.eof.Load() {
+			n++
+		}
+	}
+	return n
+}

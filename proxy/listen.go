@@ -332,6 +332,10 @@ type clientConn struct {
 	closing atomic.Bool  // Close was called
 	reading atomic.Int32 // reads of the connection in progress, the server's or a watch's
 
+	// encrypted says the client's stream is TLS (after STARTTLS): what a
+	// watch reads are TLS records.
+	encrypted atomic.Bool
+
 	// inMessage says the client is in the middle of a message, from the
 	// start of Data until the transaction ends; interrupted says the read
 	// deadline is interruptRead's, not the server's. See Read.
@@ -486,7 +490,8 @@ func (c *clientConn) hangUp() { c.hungUp.Store(true) }
 
 // watch notices, until stop is called, a client that closes the
 // connection or resets it, and then calls gone (unless the client
-// pipelined its session up to QUIT). It must be called only while the
+// pipelined its session up to QUIT, or, over TLS, for a close, which may
+// come after a QUIT that cannot be seen). It must be called only while the
 // server is not reading, from the server's goroutine (inside a go-smtp
 // callback). On Linux it costs no goroutine while the client stays (see
 // departures); elsewhere, or if that fails, it reads (readWatch).
@@ -531,9 +536,11 @@ func (c *clientConn) readWatch(gone func()) (stop func()) {
 			case err == io.EOF:
 				// A client that pipelined its commands up to QUIT and
 				// then closed its side still waits for the replies; any
-				// other that closes while the proxy waits has gone.
+				// other that closes while the proxy waits has gone. Over
+				// TLS, a QUIT cannot be seen in the records: the end of
+				// the stream is the server's to find, once it reads again.
 				c.eof.Store(true)
-				if !quitLast {
+				if !quitLast && !c.encrypted.Load() {
 					gone()
 				}
 				return
