@@ -150,9 +150,8 @@ func planCapacity(cfg config, mem memoryLimits, openFiles int64) (capacity, erro
 	c := capacity{container: mem.container, bufferBytes: cfg.bufferBudget(), openFiles: openFiles}
 	if held := c.bufferBytes / max(cfg.MaxMessageBytes, 1); held < int64(cfg.MaxConns) {
 		c.warn("SMTPPOOL_MAX_BUFFER_BYTES (%s) holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES, fewer than the %d upstream sessions of SMTPPOOL_MAX_CONNS: "+
-			"in a burst, a transaction that finds no buffer space gives its session back and queues again behind every waiting client, "+
-			"and much of the burst can time out; set it to at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (%s)",
-			formatBytes(c.bufferBytes), held, cfg.MaxConns, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
+			"no more than %d transactions use upstream sessions at once; to use them all, set it to at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (%s)",
+			formatBytes(c.bufferBytes), held, cfg.MaxConns, held, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
 	}
 	switch {
 	case mem.goLimit > 0 && mem.operator:

@@ -59,7 +59,7 @@ type config struct {
 	RateLimit          float64       `env:"SMTPPOOL_RATE_LIMIT" help:"most messages per minute sent upstream, for an upstream that refuses messages beyond a rate; 0 means no limit. Not for Exchange Online: beyond 30 messages a minute per mailbox it delays delivery, it does not refuse, and its limit is its 3 sessions (SMTPPOOL_MAX_CONNS)"`
 	RateBurst          int           `env:"SMTPPOOL_RATE_BURST" help:"messages that may go at once under SMTPPOOL_RATE_LIMIT"`
 	MinIdleConns       int32         `env:"SMTPPOOL_MIN_IDLE_CONNS" help:"upstream sessions kept open and idle, ready for a burst, past SMTPPOOL_MAX_CONN_IDLE_TIME; they count against SMTPPOOL_MAX_CONNS"`
-	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session or buffer space; with SMTPPOOL_RETRY_TIMEOUT, within the 5 minutes RFC 5321 gives a client for the reply to MAIL"`
+	AcquireTimeout     time.Duration `env:"SMTPPOOL_ACQUIRE_TIMEOUT" help:"how long a transaction may wait for a free upstream session (at MAIL, for its buffer space and a session together); with SMTPPOOL_RETRY_TIMEOUT, within the 5 minutes RFC 5321 gives a client for the reply to MAIL"`
 	RetryTimeout       time.Duration `env:"SMTPPOOL_RETRY_TIMEOUT" help:"how long a command that failed transiently is retried, from its first failure, before the client hears of it"`
 	MaxAttempts        int           `env:"SMTPPOOL_MAX_ATTEMPTS" help:"if above 0, also bounds the tries per transaction; 0 leaves only SMTPPOOL_RETRY_TIMEOUT"`
 	RetryBackoff       time.Duration `env:"SMTPPOOL_RETRY_BACKOFF" help:"least pause before the second try, doubled for each further one, plus up to half again at random"`

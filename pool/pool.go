@@ -108,6 +108,16 @@ func New(cfg Config) (*Pool, error) {
 	return p, nil
 }
 
+// Waiting counts a caller that waits for its turn before it calls Acquire
+// (a transaction waiting for the proxy's buffer budget, which the sessions'
+// work frees) among the Acquire calls waiting, in Stat.PendingAcquires and
+// in the drain estimate, until it calls done, once: the queue for sessions
+// is all the transactions waiting, wherever they wait.
+func (p *Pool) Waiting() (done func()) {
+	p.waiting.Add(1)
+	return func() { p.waiting.Add(-1) }
+}
+
 // Acquire returns a session ready for a new transaction, dialling one if
 // none is idle and the cap allows, or waiting until one is released. It
 // returns ctx's error when ctx ends first, the error of the dial or

@@ -34,7 +34,8 @@ type Stat struct {
 	// ConstructingConns is the number of conns being dialled and set up now.
 	ConstructingConns int32
 	// PendingAcquires is the number of Acquire calls waiting now, for a
-	// conn to be released or set up: the backpressure queue.
+	// conn to be released or set up, and of callers counted with Waiting:
+	// the backpressure queue.
 	PendingAcquires int32
 	// DrainTime is how long the Acquire calls waiting would take to get a
 	// conn at the rate conns were handed out over the last minute (or

@@ -35,8 +35,9 @@ type Config struct {
 	MaxMessageBytes int64
 
 	// MaxBufferBytes bounds the memory of messages buffered at once, in
-	// bytes; each message takes MaxMessageBytes of it while it is read,
-	// relayed and retried; default 2 × MaxMessageBytes × the pool's
+	// bytes; each transaction takes MaxMessageBytes of it from MAIL, before
+	// it borrows an upstream session, until its message is relayed (retries
+	// included) or it ends; default 2 × MaxMessageBytes × the pool's
 	// MaxConns.
 	MaxBufferBytes int64
 
@@ -45,9 +46,9 @@ type Config struct {
 	MaxRecipients int
 
 	// AcquireTimeout is how long a transaction waits for a free upstream
-	// session, or for buffer space, before it gets 451 4.4.5; default 3
-	// minutes: with RetryTimeout, within the 5 minutes RFC 5321 gives a
-	// client for the reply to MAIL.
+	// session before it gets 451 4.4.5 (at MAIL, for buffer space and a
+	// session together); default 3 minutes: with RetryTimeout, within the
+	// 5 minutes RFC 5321 gives a client for the reply to MAIL.
 	AcquireTimeout time.Duration
 
 	// RetryTimeout is how long, from its first transient failure, a
@@ -97,10 +98,11 @@ type Config struct {
 // quick and safe for concurrent use.
 type Observer interface {
 	// AcquireWaited reports the time a transaction waited for an upstream
-	// session it then got.
+	// session it then got (at MAIL, from when it began to wait for buffer
+	// space).
 	AcquireWaited(d time.Duration)
-	// AcquireTimedOut reports a transaction that gave up waiting for an
-	// upstream session after the acquire timeout.
+	// AcquireTimedOut reports a transaction that gave up waiting for buffer
+	// space or an upstream session after the acquire timeout.
 	AcquireTimedOut()
 	// Retried reports a transient failure that is about to be retried,
 	// with its kind: "connect", "connection", "no_reply", "reply_421",

@@ -5,6 +5,7 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -73,15 +74,25 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 			return err
 		})
 	}
+	// The message's share of the buffer budget first, then an upstream
+	// session, within one AcquireTimeout: a transaction that waits for
+	// buffer space holds no session (see reserveBuffer).
+	tx.waitStart = time.Now()
 	var err error
-	if tx.tryAcquire() && tx.up.Pipelining() {
-		// An idle session, and MAIL held for the first RCPT: nothing to
-		// wait for, so no need to watch the client meanwhile (which costs
-		// system calls).
+	if tx.tryReserveBuffer() && tx.tryAcquire() && tx.up.Pipelining() {
+		// Buffer space, an idle session, and MAIL held for the first
+		// RCPT: nothing to wait for, so no need to watch the client
+		// meanwhile (which costs system calls).
 		err = relayMail()
 	} else {
-		err = s.watching(tx, relayMail)
+		err = s.watching(tx, func() error {
+			if err := tx.reserveBuffer(); err != nil {
+				return err
+			}
+			return relayMail()
+		})
 	}
+	tx.waitStart = time.Time{}
 	if err != nil {
 		s.detach(tx)
 		tx.finishLocked()
@@ -149,17 +160,18 @@ func (s *session) Data(r io.Reader) error {
 		// a client that leaves by calling Logout.
 		run = func(_ *transaction, f func() error) error { return f() }
 	}
-	// Watching the client costs system calls: only steps that may wait
-	// are watched.
-	if !tx.tryReserveBuffer() {
-		if err := run(tx, tx.reserveBuffer); err != nil {
-			return err
-		}
-	}
-	defer tx.releaseBuffer()
+	// The message's share of the buffer budget was taken at MAIL. When
+	// Data is done, so is the transaction: its upstream session goes back,
+	// then its buffer and share of the budget, so that no transaction
+	// holds a session without its share.
+	defer func() {
+		tx.releaseUpstream()
+		tx.releaseBuffer()
+	}()
 	// Hold an upstream session before reading the message, so that
 	// messages are read into memory only as fast as sessions free up.
-	// (go-smtp drains the message when Data returns early.)
+	// (go-smtp drains the message when Data returns early.) Watching the
+	// client costs system calls: only steps that may wait are watched.
 	if !tx.envelopeReady() {
 		if err := run(tx, func() error { return tx.relay(cmdData, nil) }); err != nil {
 			return err
@@ -167,9 +179,11 @@ func (s *session) Data(r io.Reader) error {
 	}
 	body := &clientBody{r: r, ctx: tx.ctx}
 	stop := s.interruptOnEnd(tx, pipe)
+	tx.reading = true
 	tx.mu.Unlock()
 	err := tx.readMessage(body)
 	tx.mu.Lock()
+	tx.reading = false
 	stop()
 	if err != nil || tx.ctx.Err() != nil {
 		return tx.unread(err)

@@ -57,7 +57,14 @@ type transaction struct {
 	// refusal of MAIL on a replay is not the message's fault.
 	mailAccepted bool
 	msg          messageBuffer
-	reserved     int64 // bytes of the buffer budget held for msg
+	reserved     int64 // bytes of the buffer budget held for msg, from MAIL
+	// reading says Data is reading the client's message into msg without
+	// holding mu: until it has taken mu again, only Data touches msg.
+	reading bool
+	// waitStart is when MAIL began to wait for buffer space and an upstream
+	// session, which it gets within one AcquireTimeout; zero once MAIL has
+	// its session.
+	waitStart time.Time
 
 	start    time.Time
 	attempts int    // upstream sessions tried
@@ -283,12 +290,17 @@ func (tx *transaction) tryAcquire() bool {
 	return true
 }
 
-// acquire borrows an upstream session, waiting at most AcquireTimeout.
+// acquire borrows an upstream session, waiting at most AcquireTimeout (at
+// MAIL, from when MAIL began to wait for buffer space).
 func (tx *transaction) acquire() (*pool.Conn, error) {
 	b := tx.s.b
-	ctx, cancel := context.WithTimeout(tx.ctx, b.cfg.AcquireTimeout)
+	start := tx.waitStart
+	tx.waitStart = time.Time{}
+	if start.IsZero() {
+		start = time.Now()
+	}
+	ctx, cancel := context.WithDeadline(tx.ctx, start.Add(b.cfg.AcquireTimeout))
 	defer cancel()
-	start := time.Now()
 	c, err := b.pool.Acquire(ctx)
 	switch {
 	case err == nil:
@@ -468,22 +480,36 @@ func (tx *transaction) tryReserveBuffer() bool {
 	return true
 }
 
-// reserveBuffer takes the message's share of the buffer budget before it
-// is read. When none is free, it first gives the upstream session back, so
-// that transactions that hold the budget and wait for a session can finish.
+// reserveBuffer takes the message's share of the buffer budget, unless
+// the transaction holds it already, waiting while the budget is spent, at
+// most until AcquireTimeout has passed since MAIL began to wait. Mail calls
+// it before it borrows an upstream session: a transaction that waits for
+// buffer space holds no session, and one that holds a session has its
+// buffer space, so the sessions always carry transactions that can finish
+// (and a transaction that holds buffer space and waits for a session, to
+// retry, waits only for transactions that have theirs).
 func (tx *transaction) reserveBuffer() error {
 	b := tx.s.b
 	n := b.cfg.MaxMessageBytes
-	if tx.tryReserveBuffer() {
+	if tx.reserved > 0 || tx.tryReserveBuffer() {
 		return nil
 	}
-	tx.releaseUpstream()
-	ctx, cancel := context.WithTimeout(tx.ctx, b.cfg.AcquireTimeout)
+	start := tx.waitStart
+	if start.IsZero() {
+		start = time.Now()
+	}
+	ctx, cancel := context.WithDeadline(tx.ctx, start.Add(b.cfg.AcquireTimeout))
 	defer cancel()
-	if err := b.buffers.Acquire(ctx, n); err != nil {
+	// It counts among the transactions waiting for a session: the pool's
+	// queue and its drain estimate are all the transactions waiting.
+	done := b.pool.Waiting()
+	err := b.buffers.Acquire(ctx, n)
+	done()
+	if err != nil {
 		if tx.ctx.Err() != nil {
 			return tx.stopped()
 		}
+		b.cfg.Observer.AcquireTimedOut()
 		tx.lastCode = replyBusy.Code
 		return replyBusy
 	}
@@ -500,8 +526,12 @@ func (tx *transaction) reserve(n int64) {
 	}
 }
 
-// releaseBuffer frees the message's buffer and its share of the budget.
+// releaseBuffer frees the message's buffer and its share of the budget,
+// unless Data is reading the message (Data frees them when it is done).
 func (tx *transaction) releaseBuffer() {
+	if tx.reading {
+		return
+	}
 	tx.msg.release()
 	if tx.reserved > 0 {
 		tx.s.b.reservedBytes.Add(-tx.reserved)
@@ -614,6 +644,7 @@ func (tx *transaction) expire() {
 		tx.finalReply = replyTransactionTimeout
 	}
 	tx.releaseUpstream()
+	tx.releaseBuffer()
 }
 
 // end ends the transaction from outside a command: it stops any wait of a
@@ -636,6 +667,7 @@ func (tx *transaction) finishLocked() {
 	}
 	tx.cancel(errTransactionEnded)
 	tx.releaseUpstream()
+	tx.releaseBuffer()
 	tx.logEnd()
 }
 

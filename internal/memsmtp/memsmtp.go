@@ -103,6 +103,12 @@ type Options struct {
 	// connection with that many older ones still open gets
 	// "432 4.3.2 Concurrent connections limit exceeded" to DATA.
 	SessionLimit int
+	// AbandonDelay, when above zero, delays the reply to a RSET (or a
+	// repeated EHLO) that abandons a transaction, one with MAIL and no
+	// message yet: as Postfix's smtpd does to a client that keeps
+	// abandoning transactions (past smtpd_junk_command_limit RSETs, it
+	// sleeps before its replies).
+	AbandonDelay time.Duration
 	// OnMessage, if set, is called with each accepted message.
 	OnMessage func(Message)
 	// ErrorLog receives go-smtp's internal errors; default discards them.
@@ -432,6 +438,7 @@ type session struct {
 	conn   int64
 	authed bool
 	msg    Message
+	begun  bool // a transaction is open: MAIL, and no message yet
 }
 
 // apply runs a fault on a command with argument arg and returns the error
@@ -497,6 +504,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		return err
 	}
 	ss.msg = Message{From: from, Conn: ss.conn}
+	ss.begun = true
 	if opts != nil {
 		ss.msg.Opts = *opts
 	}
@@ -534,6 +542,7 @@ func (ss *session) overSessionLimit() bool {
 }
 
 func (ss *session) Data(r io.Reader) error {
+	ss.begun = false
 	if ss.overSessionLimit() {
 		return ErrSessionLimit
 	}
@@ -567,7 +576,13 @@ func (ss *session) Data(r io.Reader) error {
 	return ss.apply(f, "")
 }
 
-func (ss *session) Reset() { ss.msg = Message{} }
+func (ss *session) Reset() {
+	if ss.begun {
+		ss.s.pause(ss.s.opts.AbandonDelay)
+	}
+	ss.begun = false
+	ss.msg = Message{}
+}
 
 // Logout ends the session, once.
 func (ss *session) Logout() error {
