@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
 
@@ -122,3 +124,40 @@ func (x tlsConversation) must(line string, want int) { x.t.Helper(); x.c.must(x.
 func (x tlsConversation) write(s string)             { x.t.Helper(); x.c.write(x.t, s) }
 func (x tlsConversation) writeQuietly(s string)      { x.c.conn.Write([]byte(s)) }
 func (x tlsConversation) reply() (int, string)       { return x.c.reply() }
+
+// TestClientTimeoutStartsWhenTheMessageIsAskedFor: the client timeout runs
+// while the client is asked for something, not while smtppool makes it
+// wait. A transaction that waits at DATA for buffer space (another message
+// holds the whole budget while a slow upstream answers it) for longer than
+// the client timeout is then asked for its message, and delivered. go-smtp
+// sets the read and write deadlines as it reads the DATA line and writes
+// 354; the 354 was written (it is held until the next read) only after the
+// wait, with its write deadline past, and the message was read with its
+// read deadline past: the client got 451 4.3.0 without a 354.
+func TestClientTimeoutStartsWhenTheMessageIsAskedFor(t *testing.T) {
+	const clientTimeout = 500 * time.Millisecond
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 2},
+		proxy: proxy.Config{ClientTimeout: clientTimeout, MaxMessageBytes: 1024, MaxBufferBytes: 1024}})
+	e.up.Inject(memsmtp.Data, memsmtp.Fault{Delay: 3 * clientTimeout})
+	first := make(chan error, 1)
+	go func() { first <- send(e.dial(t), "app@example.com", []string{"user@example.com"}, message("first")) }()
+	memsmtp.WaitFor(t, "the first message to reach the slow upstream", func() bool { return e.up.Stats().Commands["DATA"]+e.up.Stats().Commands["BDAT"] == 1 })
+
+	c := rawDial(t, e.addr)
+	c.must("EHLO client.test", 250)
+	c.must("MAIL FROM:<app@example.com>", 250)
+	c.must("RCPT TO:<user@example.com>", 250)
+	start := time.Now()
+	code, msg := c.cmd("DATA")
+	t.Logf("354 after %v", time.Since(start).Round(time.Millisecond))
+	if code != 354 {
+		t.Fatalf("DATA while another message holds the buffer budget: %d %s, want 354 once it is free", code, msg)
+	}
+	c.write(message("second") + ".\r\n")
+	if code, msg := c.reply(); code != 250 {
+		t.Errorf("the message after the wait: %d %s, want 250", code, msg)
+	}
+	if err := <-first; err != nil {
+		t.Errorf("first message: %v", err)
+	}
+}
