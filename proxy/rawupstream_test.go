@@ -33,6 +33,11 @@ type rawUpstream struct {
 	// after, if set, runs on the connection once the n-th message's
 	// verdict is written.
 	after func(n int, conn net.Conn)
+	// onCommand, if set, runs before the reply to each command (its verb
+	// in upper case) on the conn-th connection (from 1): it may write a
+	// reply no command asked for, or wait for what the client sends next
+	// (r.Peek) before the reply goes out.
+	onCommand func(conn int, verb string, r *bufio.Reader, write func(string) error)
 
 	mu    sync.Mutex
 	n     int      // messages received whole
@@ -60,12 +65,13 @@ func startRawUpstream(t *testing.T, u *rawUpstream) *rawUpstream {
 			}
 			u.mu.Lock()
 			u.conns++
+			n := u.conns
 			u.live[conn] = true
 			u.mu.Unlock()
 			u.wg.Add(1)
 			go func() {
 				defer u.wg.Done()
-				u.serve(conn)
+				u.serve(conn, n)
 				u.mu.Lock()
 				delete(u.live, conn)
 				u.mu.Unlock()
@@ -101,7 +107,7 @@ func (u *rawUpstream) Conns() int {
 	return u.conns
 }
 
-func (u *rawUpstream) serve(conn net.Conn) {
+func (u *rawUpstream) serve(conn net.Conn, n int) {
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	r := bufio.NewReader(conn)
 	var wmu sync.Mutex // after may write from another goroutine
@@ -122,15 +128,22 @@ func (u *rawUpstream) serve(conn net.Conn) {
 		}
 		line = strings.TrimRight(line, "\r\n")
 		verb, arg, _ := strings.Cut(line, " ")
+		verb = strings.ToUpper(verb)
+		if u.onCommand != nil {
+			u.onCommand(n, verb, r, write)
+		}
 		var reply string
-		switch strings.ToUpper(verb) {
+		switch verb {
 		case "EHLO":
 			reply = "250-raw.test\r\n250-PIPELINING\r\n"
 			if u.chunking {
 				reply += "250-CHUNKING\r\n"
 			}
 			reply += "250 8BITMIME\r\n"
-		case "MAIL", "RSET", "NOOP":
+		case "MAIL":
+			body.Reset()
+			reply = "250 2.1.0 Ok\r\n" // as Postfix, Exchange and Gmail answer MAIL
+		case "RSET", "NOOP":
 			body.Reset()
 			reply = "250 2.0.0 Ok\r\n"
 		case "RCPT":

@@ -109,9 +109,10 @@ func TestUpstreamReplyReachesClient(t *testing.T) {
 		},
 		{
 			// go-smtp's client expects exactly 250; resending after a 251
-			// would deliver twice.
+			// would deliver twice. (Not a 2.1.x, a reply about an
+			// address, which shows replies out of step there.)
 			name:       "any 2xx at end of DATA accepts the message",
-			faults:     map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: {{Deliver: true, Reply: reply(251, [3]int{2, 1, 5}, "Accepted")}}},
+			faults:     map[memsmtp.Command][]memsmtp.Fault{memsmtp.Data: {{Deliver: true, Reply: reply(251, [3]int{2, 0, 0}, "Accepted")}}},
 			wantCopies: 1, wantConns: 1,
 		},
 		{

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -69,6 +70,58 @@ func TestStrayReplyInALaterPacket(t *testing.T) {
 			if n := u.Conns(); n != 2 {
 				t.Errorf("upstream accepted %d connections, want 2: the session with the stray reply retired", n)
 			}
+		})
+	}
+}
+
+// TestStrayReplyWhileACommandWaits: a reply no command asked for that
+// arrives after smtppool wrote a command, before that command's reply,
+// cannot be seen by looking into the socket before the write (issue 16,
+// item 8): it is read as that command's reply, and every reply after it
+// one command late. Here the upstream sends an unasked 250 as it gets
+// MAIL, and holds its reply to RCPT until smtppool has written the
+// message, which it refuses with 554. On the BDAT path the code before
+// read the RCPT's 250 2.1.5 for the verdict on the message and told the
+// client 250 for a message the upstream refused. A reply about an address
+// (2.1.x) where the verdict is due now shows the replies out of step: the
+// verdict counts as lost, the message is sent once more on a fresh
+// session, refused there, and the client gets 451 (the first session
+// may have kept it, for all smtppool knows), never 250. On the DATA path
+// the 250 read for DATA, which wants 354, showed it before too: nothing
+// of the message went on that session, and the client hears the fresh
+// session's 554.
+func TestStrayReplyWhileACommandWaits(t *testing.T) {
+	for _, chunking := range []bool{true, false} {
+		t.Run(map[bool]string{true: "BDAT", false: "DATA"}[chunking], func(t *testing.T) {
+			u := startRawUpstream(t, &rawUpstream{
+				chunking: chunking,
+				verdict:  func(int, string) string { return "554 5.7.1 Message refused" },
+				onCommand: func(conn int, verb string, r *bufio.Reader, write func(string) error) {
+					if conn != 1 {
+						return
+					}
+					switch verb {
+					case "MAIL":
+						write("250 2.0.0 Ok: stray\r\n")
+					case "RCPT":
+						r.Peek(1) // the reply goes out once smtppool sent its next command
+					}
+				},
+			})
+			e := newRawEnv(t, u, pool.Config{MaxConns: 1}, proxy.Config{})
+			c := e.dial(t)
+			err := send(c, "app@example.com", []string{"user@example.com"}, message("refused"))
+			// BDAT: the message went whole on the first session, so a 4xx
+			// after the resend; DATA: nothing went, and the fresh
+			// session's 554 is the verdict.
+			want := map[bool]int{true: 451, false: 554}[chunking]
+			if code := codeOf(err); code != want {
+				t.Errorf("client got %d (%v), want %d: the upstream refused the message", code, err, want)
+			}
+			if kept := u.Kept(); len(kept) != 0 {
+				t.Errorf("upstream kept %d messages, want 0", len(kept))
+			}
+			memsmtp.WaitFor(t, "the session to be given back", func() bool { return e.pool.Stat().AcquiredConns == 0 })
 		})
 	}
 }

@@ -59,6 +59,9 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 			_, text, err = c.readFinalReply(c.DataTimeout)
 		} else {
 			_, text, err = c.readReply(250, c.DataTimeout)
+			if err == nil {
+				err = c.checkNotAddressReply(text)
+			}
 		}
 		answered++
 		switch {

@@ -63,6 +63,12 @@ var (
 	// ErrServerClosed means the server closed the connection (or it was
 	// reset) while no command was waiting for a reply.
 	ErrServerClosed = errors.New("server closed the connection")
+	// ErrOutOfStep means a reply about an address (enhanced code 2.1.x,
+	// RFC 3463, which answers MAIL or RCPT) came where the verdict on a
+	// message or on a chunk of one was due: a reply no command asked for
+	// came in while a command waited, and every reply since was read one
+	// command late.
+	ErrOutOfStep = errors.New("a reply about an address where the verdict on a message was due: replies out of step")
 )
 
 // Client is one connection to an SMTP server.
@@ -416,8 +422,31 @@ func (c *Client) readReply(expect int, timeout time.Duration) (int, string, erro
 // is the server's verdict whenever its code can be read, even when it is
 // not in the form of a reply (see readResponse); such a reply leaves the
 // connection out of step. Only a reply without a code is no verdict.
+//
+// A 2xx with an enhanced code of the addressing class (2.1.x) is no
+// verdict either: it answers MAIL or RCPT (see ErrOutOfStep), and the
+// server's verdict on the message is still to come.
 func (c *Client) readFinalReply(timeout time.Duration) (int, string, error) {
-	return c.readReplyAs(2, timeout, true)
+	code, msg, err := c.readReplyAs(2, timeout, true)
+	if err != nil {
+		return code, msg, err
+	}
+	return code, msg, c.checkNotAddressReply(msg)
+}
+
+// checkNotAddressReply fails, and marks the connection out of step, when
+// msg, the text of a 2xx that should be the verdict on a message or a
+// chunk, begins with an enhanced code of the addressing class (2.1.x):
+// servers answer MAIL and RCPT with those (2.1.0, 2.1.5) and a message
+// with 2.0.0 or 2.6.0, so the reply is one command late.
+func (c *Client) checkNotAddressReply(msg string) error {
+	first, _, _ := strings.Cut(msg, "\n")
+	first, _, _ = strings.Cut(first, " ")
+	if enh, ok := parseEnhancedCode(first); ok && enh[0] == 2 && enh[1] == 1 {
+		c.malformed = ErrOutOfStep
+		return fmt.Errorf("read reply: %w (%s)", ErrOutOfStep, first)
+	}
+	return nil
 }
 
 func (c *Client) readReplyAs(expect int, timeout time.Duration, lenient bool) (int, string, error) {

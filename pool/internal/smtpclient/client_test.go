@@ -268,6 +268,11 @@ func TestFinalReplyThatBreaksTheProtocolIsAReply(t *testing.T) {
 		{"codes of two classes", []string{"250-2.0.0 Ok", "550 5.0.0 no"}, 0},
 		{"no code", []string{"hello"}, 0},
 		{"a line over the bound", []string{"250 " + strings.Repeat("x", maxLongLine+10)}, 0},
+		// A reply about an address answers MAIL or RCPT: read where the
+		// verdict was due, the replies are out of step (issue 16, item 8).
+		{"250 2.1.5, a reply to RCPT", []string{"250 2.1.5 Ok"}, 0},
+		{"250 2.1.0, a reply to MAIL", []string{"250 2.1.0 Ok"}, 0},
+		{"a multi-line 250 2.1.5", []string{"250-2.1.5 Ok", "250 2.1.5 fine"}, 0},
 	}
 	for _, tt := range tests {
 		for _, chunking := range []bool{false, true} {
@@ -706,6 +711,33 @@ func TestBDATStopsAtARefusedChunk(t *testing.T) {
 	var smtpErr *smtp.SMTPError
 	if !errors.As(err, &smtpErr) || smtpErr.Code != 552 || sent {
 		t.Fatalf("BDAT: sent %v, %v; want the 552, not sent whole", sent, err)
+	}
+	c.Close()
+}
+
+// TestChunkAnsweredAboutAnAddress: a reply about an address (2.1.5, a
+// RCPT's) to a chunk that is not the last shows the replies out of step
+// (issue 16, item 8): no further chunk goes out, the error is no reply,
+// and the connection takes no more commands.
+func TestChunkAnsweredAboutAnAddress(t *testing.T) {
+	msg := strings.Repeat("z", 3*chunkSize)
+	c := scripted(t, func(p *peer) {
+		greet(p, "CHUNKING")
+		if _, last := readChunk(p); last {
+			t.Error("first chunk marked LAST")
+		}
+		p.send("250 2.1.5 Ok")
+		if n := p.buffered(200 * time.Millisecond); n != 0 {
+			t.Errorf("client sent %d more bytes after a chunk's reply out of step", n)
+		}
+	})
+	mustHello(t, c)
+	_, sent, err := c.BDAT(strings.NewReader(msg), false)
+	if !errors.Is(err, ErrOutOfStep) || isReply(err) || sent {
+		t.Fatalf("BDAT: sent %v, %v; want ErrOutOfStep, not sent whole", sent, err)
+	}
+	if !c.Unsolicited() {
+		t.Error("Unsolicited() is false after a reply out of step")
 	}
 	c.Close()
 }
