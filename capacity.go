@@ -20,6 +20,8 @@ import (
 	"syscall"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
+
+	"github.com/smtppool/smtppool/proxy"
 )
 
 const (
@@ -116,9 +118,11 @@ type capacity struct {
 	usable     memoryLimit // the memory smtppool may use: the GOMEMLIMIT in force, or a share of the container's limit
 	setGoLimit bool        // smtppool set usable as GOMEMLIMIT (the operator had not set it)
 
-	bufferBytes int64 // the message buffer budget
-	openFiles   int64 // the open-files limit; 0 if unknown
-	fileCap     int   // the most client connections the open-files limit allows; 0 if unknown
+	bufferBytes    int64  // the message buffer budget
+	bufferFrom     string // how it was set
+	bufferMessages int64  // how many messages of SMTPPOOL_MAX_MESSAGE_BYTES it holds
+	openFiles      int64  // the open-files limit; 0 if unknown
+	fileCap        int    // the most client connections the open-files limit allows; 0 if unknown
 
 	warnings []string // for the log: an explicit cap beyond what memory or files allow, a buffer budget below the sessions
 }
@@ -139,20 +143,27 @@ func systemCapacity(cfg config, logger *slog.Logger) (capacity, error) {
 	return planCapacity(cfg, mem, files)
 }
 
-// planCapacity derives the client cap from the memory smtppool may use:
-// with a memory limit (the GOMEMLIMIT in force, or, if it is off, 90 % of
-// the container's limit), as many clients as fit after the message buffer
-// budget and a base; without one, unlimitedClientConns. Either way no more
-// than the open-files limit allows. An explicit SMTPPOOL_MAX_CLIENT_CONNS
+// planCapacity derives the message buffer budget and the client cap from
+// the memory smtppool may use: the GOMEMLIMIT in force, or, if it is off,
+// 90 % of the container's limit.
+//
+// The buffer budget is SMTPPOOL_MAX_BUFFER_BYTES if set. Unset, with a
+// memory limit, it is what is left after the base (half of it, or, with an
+// explicit SMTPPOOL_MAX_CLIENT_CONNS, what those clients leave), in whole
+// messages of SMTPPOOL_MAX_MESSAGE_BYTES, at least one and at most
+// defaultBufferBudget; without a memory limit, defaultBufferBudget.
+//
+// The cap is as many clients as fit after the budget and the base, or
+// unlimitedClientConns without a memory limit; either way no more than the
+// open-files limit allows. An explicit SMTPPOOL_MAX_CLIENT_CONNS
 // (cfg.MaxClientConns above zero) stands, with a warning when it is beyond
-// those. openFiles is the soft RLIMIT_NOFILE (0 if unknown).
+// those. A memory limit too small for the budget and
+// minDerivedClientConns clients is an error naming the variable that was
+// set (SMTPPOOL_MAX_BUFFER_BYTES, or SMTPPOOL_MAX_MESSAGE_BYTES), or, at
+// the defaults, a warning. openFiles is the soft RLIMIT_NOFILE (0 if
+// unknown).
 func planCapacity(cfg config, mem memoryLimits, openFiles int64) (capacity, error) {
-	c := capacity{container: mem.container, bufferBytes: cfg.bufferBudget(), openFiles: openFiles}
-	if held := c.bufferBytes / max(cfg.MaxMessageBytes, 1); held < int64(cfg.MaxConns) {
-		c.warn("SMTPPOOL_MAX_BUFFER_BYTES (%s) holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES, fewer than the %d upstream sessions of SMTPPOOL_MAX_CONNS: "+
-			"no more than %d transactions use upstream sessions at once; to use them all, set it to at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (%s)",
-			formatBytes(c.bufferBytes), held, cfg.MaxConns, held, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
-	}
+	c := capacity{container: mem.container, openFiles: openFiles}
 	switch {
 	case mem.goLimit > 0 && mem.operator:
 		c.usable = memoryLimit{bytes: mem.goLimit, source: "GOMEMLIMIT"}
@@ -163,6 +174,11 @@ func planCapacity(cfg config, mem memoryLimits, openFiles int64) (capacity, erro
 		// GOMEMLIMIT is off: the operator's choice.
 		c.usable = memoryLimit{bytes: mem.container / 100 * goMemLimitPercent,
 			source: fmt.Sprintf("%d%% of the container's limit", goMemLimitPercent)}
+	}
+	share := c.planBuffers(cfg)
+	c.bufferMessages = c.bufferBytes / cfg.MaxMessageBytes
+	if c.bufferMessages < int64(cfg.MaxConns) {
+		c.warnFewBuffers(cfg, share)
 	}
 	if openFiles > 0 {
 		c.fileCap = int(max(0, openFiles-reservedFiles-int64(cfg.MaxConns)))
@@ -190,16 +206,79 @@ func planCapacity(cfg config, mem memoryLimits, openFiles int64) (capacity, erro
 
 	c.derived = true
 	if memCap < minDerivedClientConns {
-		return c, fmt.Errorf("SMTPPOOL_MAX_BUFFER_BYTES: the message buffer budget, %s (%s), and smtppool's base of %s leave room for only %d "+
-			"waiting clients in the memory limit of %s (%s); lower SMTPPOOL_MAX_BUFFER_BYTES or SMTPPOOL_MAX_MESSAGE_BYTES, raise the memory limit, "+
-			"or set SMTPPOOL_MAX_CLIENT_CONNS",
-			formatBytes(c.bufferBytes), cfg.bufferBudgetSource(), formatBytes(baseBytes), memCap, formatBytes(c.usable.bytes), c.usable.source)
+		tooSmall := fmt.Sprintf("the message buffer budget, %s (%s), and smtppool's base of %s leave room for only %d "+
+			"waiting clients in the memory limit of %s (%s)",
+			formatBytes(c.bufferBytes), c.bufferFrom, formatBytes(baseBytes), memCap, formatBytes(c.usable.bytes), c.usable.source)
+		switch {
+		case cfg.MaxBufferBytes > 0:
+			return c, fmt.Errorf("SMTPPOOL_MAX_BUFFER_BYTES: %s; lower SMTPPOOL_MAX_BUFFER_BYTES or SMTPPOOL_MAX_MESSAGE_BYTES, raise the memory limit, "+
+				"or set SMTPPOOL_MAX_CLIENT_CONNS", tooSmall)
+		case cfg.MaxMessageBytes != proxy.DefaultConfig().MaxMessageBytes:
+			return c, fmt.Errorf("SMTPPOOL_MAX_MESSAGE_BYTES: %s; lower SMTPPOOL_MAX_MESSAGE_BYTES or raise the memory limit", tooSmall)
+		}
+		c.warn("%s; the cap is %d all the same, which the memory limit may not hold: lower SMTPPOOL_MAX_MESSAGE_BYTES or raise the memory limit",
+			tooSmall, minDerivedClientConns)
+		memCap = minDerivedClientConns
 	}
 	c.clientConns = memCap
 	if c.fileCap > 0 && c.fileCap < memCap {
 		c.clientConns, c.limitedBy = max(c.fileCap, 1), "open files"
 	}
 	return c, nil
+}
+
+// planBuffers sets the message buffer budget and where it comes from (see
+// planCapacity), once the usable memory is known. When it derives the
+// budget from the memory, it returns the share of the memory it had for it,
+// before rounding to whole messages.
+func (c *capacity) planBuffers(cfg config) (share int64) {
+	msg := cfg.MaxMessageBytes
+	if cfg.MaxBufferBytes > 0 {
+		c.bufferBytes, c.bufferFrom = max(cfg.MaxBufferBytes, msg), "SMTPPOOL_MAX_BUFFER_BYTES"
+		return 0
+	}
+	def := cfg.defaultBufferBudget()
+	if c.usable.bytes == 0 {
+		c.bufferBytes, c.bufferFrom = def, "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES"
+		return 0
+	}
+	room := (c.usable.bytes - baseBytes) / 2
+	c.bufferFrom = "half the usable memory after the base, in whole messages"
+	if cfg.MaxClientConns > 0 {
+		room = c.usable.bytes - baseBytes - int64(cfg.MaxClientConns)*clientConnBytes
+		c.bufferFrom = "the usable memory after the base and SMTPPOOL_MAX_CLIENT_CONNS, in whole messages"
+	}
+	c.bufferBytes = room / msg * msg
+	if c.bufferBytes < msg {
+		c.bufferBytes, c.bufferFrom = msg, "one message of SMTPPOOL_MAX_MESSAGE_BYTES, the least"
+	}
+	if c.bufferBytes >= def {
+		c.bufferBytes, c.bufferFrom = def, "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES"
+	}
+	return room
+}
+
+// warnFewBuffers warns that the buffer budget holds fewer messages than
+// there are upstream sessions, and says what would hold one for each;
+// share is the memory that a derived budget had (see planBuffers).
+func (c *capacity) warnFewBuffers(cfg config, share int64) {
+	messages, transactions := "messages", "transactions use"
+	if c.bufferMessages == 1 {
+		messages, transactions = "message", "transaction uses"
+	}
+	few := fmt.Sprintf("holds %d %s of SMTPPOOL_MAX_MESSAGE_BYTES (%s), fewer than the %d upstream sessions of SMTPPOOL_MAX_CONNS: "+
+		"no more than %d %s upstream sessions at once", c.bufferMessages, messages, formatBytes(cfg.MaxMessageBytes), cfg.MaxConns, c.bufferMessages, transactions)
+	if cfg.MaxBufferBytes > 0 {
+		c.warn("SMTPPOOL_MAX_BUFFER_BYTES (%s) %s; to use them all, set it to at least SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES (%s)",
+			formatBytes(c.bufferBytes), few, formatBytes(int64(cfg.MaxConns)*cfg.MaxMessageBytes))
+		return
+	}
+	lower := ""
+	if fits := share / int64(cfg.MaxConns); fits >= 1<<20 {
+		lower = fmt.Sprintf(" lower SMTPPOOL_MAX_MESSAGE_BYTES to %d (%s),", fits>>20<<20, formatBytes(fits>>20<<20))
+	}
+	c.warn("the buffer budget derived from the memory limit, %s (%s), %s; to use them all,%s set SMTPPOOL_MAX_BUFFER_BYTES, or raise the memory limit",
+		formatBytes(c.bufferBytes), c.bufferFrom, few, lower)
 }
 
 // sharePercent writes part as a share of whole, in per cent.
@@ -212,21 +291,10 @@ func (c *capacity) warn(format string, args ...any) {
 	c.warnings = append(c.warnings, fmt.Sprintf(format, args...))
 }
 
-// bufferBudget is the memory for messages buffered at once:
-// SMTPPOOL_MAX_BUFFER_BYTES, or its default, as the proxy applies it.
-func (c config) bufferBudget() int64 {
-	if c.MaxBufferBytes > 0 {
-		return max(c.MaxBufferBytes, c.MaxMessageBytes)
-	}
+// defaultBufferBudget is the buffer budget without a memory limit: two
+// messages for each upstream session.
+func (c config) defaultBufferBudget() int64 {
 	return 2 * int64(c.MaxConns) * c.MaxMessageBytes
-}
-
-// bufferBudgetSource says where the buffer budget comes from.
-func (c config) bufferBudgetSource() string {
-	if c.MaxBufferBytes > 0 {
-		return "SMTPPOOL_MAX_BUFFER_BYTES"
-	}
-	return "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES"
 }
 
 // LogValue describes the capacity for the start-up log.
@@ -235,6 +303,8 @@ func (c capacity) LogValue() slog.Value {
 		slog.Int("max_client_conns", c.clientConns),
 		slog.String("limited_by", c.limitedBy),
 		slog.Int64("buffer_budget_bytes", c.bufferBytes),
+		slog.String("buffer_budget_from", c.bufferFrom),
+		slog.Int64("buffer_budget_messages", c.bufferMessages),
 	}
 	if c.container > 0 {
 		attrs = append(attrs, slog.Int64("container_memory_limit_bytes", c.container))

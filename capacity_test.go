@@ -195,15 +195,110 @@ func TestDerivedClientCap(t *testing.T) {
 			t.Errorf("64 MiB for 10 sessions of 10 MiB messages: warnings %q, err %v; want one naming SMTPPOOL_MAX_BUFFER_BYTES and 100 MiB", c.warnings, err)
 		}
 	})
-	t.Run("a limit too small for the buffer budget", func(t *testing.T) {
-		// The binary's own defaults buffer 2 × 5 × 32 MiB = 320 MiB.
-		cfg, err := loadConfig([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = planCapacity(cfg, container, 1<<20)
+	t.Run("a buffer budget too large for the limit", func(t *testing.T) {
+		cfg := defaultsConfig(t, "SMTPPOOL_MAX_BUFFER_BYTES=335544320")
+		_, err := planCapacity(cfg, container, 1<<20)
 		if err == nil || !strings.HasPrefix(err.Error(), "SMTPPOOL_MAX_BUFFER_BYTES: ") || !strings.Contains(err.Error(), "320 MiB") {
 			t.Errorf("320 MiB of buffers in a 256 MiB container: %v, want an error naming SMTPPOOL_MAX_BUFFER_BYTES and the budget", err)
+		}
+	})
+	t.Run("a message too large for the limit", func(t *testing.T) {
+		cfg := defaultsConfig(t, "SMTPPOOL_MAX_MESSAGE_BYTES=268435456")
+		_, err := planCapacity(cfg, container, 1<<20)
+		if err == nil || !strings.HasPrefix(err.Error(), "SMTPPOOL_MAX_MESSAGE_BYTES: ") || !strings.Contains(err.Error(), "256 MiB") {
+			t.Errorf("a 256 MiB message in a 256 MiB container: %v, want an error naming SMTPPOOL_MAX_MESSAGE_BYTES", err)
+		}
+	})
+}
+
+// defaultsConfig is the binary's own defaults (5 sessions, 32 MiB
+// messages), with more settings.
+func defaultsConfig(t *testing.T, more ...string) config {
+	t.Helper()
+	cfg, err := loadConfig(append([]string{"SMTPPOOL_UPSTREAM_ADDR=smtp.corp.example:587"}, more...), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// containerOf is a container limit of n bytes with GOMEMLIMIT set to 90 %
+// of it, as automemlimit sets it.
+func containerOf(n int64) memoryLimits {
+	return memoryLimits{container: n, goLimit: int64(float64(n) * 0.9)}
+}
+
+// TestDerivedBufferBudget: with SMTPPOOL_MAX_BUFFER_BYTES unset and a
+// memory limit, the defaults start in a small container: the buffer
+// budget is half of the usable memory after the base, in whole messages,
+// at least one and at most two per session, and the cap is derived after
+// it; the budget, the base and the cap's clients fit in the usable memory.
+// (The code before took the budget without a limit, 320 MiB at the
+// defaults, and refused to start in a container of less than 384 MiB.)
+func TestDerivedBufferBudget(t *testing.T) {
+	cfg := defaultsConfig(t)
+	const half = "half the usable memory after the base, in whole messages"
+	fits := func(c capacity) bool {
+		return baseBytes+c.bufferBytes+int64(c.clientConns)*clientConnBytes <= c.usable.bytes
+	}
+	for _, tc := range []struct {
+		limit    int64
+		messages int64
+		from     string
+		cap      int
+	}{
+		{128 * mib, 1, half, 3440},
+		{256 * mib, 3, half, 6062},
+		{512 * mib, 6, half, 12943},
+		{1024 * mib, 10, "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES", 29982},
+	} {
+		c, err := planCapacity(cfg, containerOf(tc.limit), 1<<20)
+		if err != nil || c.bufferBytes != tc.messages*32*mib || c.bufferMessages != tc.messages || c.bufferFrom != tc.from ||
+			c.clientConns != tc.cap || !c.derived || !fits(c) {
+			t.Errorf("defaults in %s: %v; budget %d bytes (%d messages) from %q, cap %d, fits %v; want %d messages from %q, cap %d",
+				formatBytes(tc.limit), err, c.bufferBytes, c.bufferMessages, c.bufferFrom, c.clientConns, fits(c), tc.messages, tc.from, tc.cap)
+		}
+		if share := (c.usable.bytes - baseBytes) / 2; tc.from == half && (c.bufferBytes > share && tc.messages > 1 || share-c.bufferBytes >= 32*mib) {
+			t.Errorf("defaults in %s: budget %d, not the whole messages of half the usable memory after the base, %d", formatBytes(tc.limit), c.bufferBytes, share)
+		}
+	}
+
+	// Fewer messages than sessions: a warning that says what to lower.
+	c, _ := planCapacity(cfg, containerOf(128*mib), 1<<20)
+	if len(c.warnings) != 1 || !strings.HasPrefix(c.warnings[0], "the buffer budget derived from the memory limit, 32 MiB ("+half+"), holds 1 message of") ||
+		!strings.Contains(c.warnings[0], "lower SMTPPOOL_MAX_MESSAGE_BYTES to 9437184 (9 MiB)") {
+		t.Errorf("defaults in 128 MiB: warnings %q, want one that the budget holds 1 message and 9 MiB messages would fit 5", c.warnings)
+	}
+	if c, _ := planCapacity(defaultsConfig(t, "SMTPPOOL_MAX_MESSAGE_BYTES=9437184"), containerOf(128*mib), 1<<20); c.bufferMessages != 5 || len(c.warnings) != 0 {
+		t.Errorf("9 MiB messages in 128 MiB: the budget holds %d, warnings %q; want 5, none", c.bufferMessages, c.warnings)
+	}
+
+	t.Run("no memory limit", func(t *testing.T) {
+		c, err := planCapacity(cfg, memoryLimits{}, 1<<20)
+		if err != nil || c.bufferBytes != 320*mib || c.bufferFrom != "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES" {
+			t.Errorf("no memory limit: budget %d from %q, %v; want 320 MiB, two messages per session", c.bufferBytes, c.bufferFrom, err)
+		}
+	})
+	t.Run("an explicit cap", func(t *testing.T) {
+		c, err := planCapacity(defaultsConfig(t, "SMTPPOOL_MAX_CLIENT_CONNS=2000"), containerOf(256*mib), 1<<20)
+		if err != nil || c.bufferMessages != 5 || c.bufferFrom != "the usable memory after the base and SMTPPOOL_MAX_CLIENT_CONNS, in whole messages" ||
+			!fits(c) || len(c.warnings) != 0 {
+			t.Errorf("2,000 clients in 256 MiB: budget %d messages from %q, fits %v, warnings %q, %v; want the 5 messages they leave room for",
+				c.bufferMessages, c.bufferFrom, fits(c), c.warnings, err)
+		}
+		// A cap that leaves no room: one message, and the warning.
+		c, err = planCapacity(defaultsConfig(t, "SMTPPOOL_MAX_CLIENT_CONNS=20000"), containerOf(256*mib), 1<<20)
+		if err != nil || c.bufferMessages != 1 || c.clientConns != 20000 || len(c.warnings) != 2 || !strings.HasPrefix(c.warnings[1], "SMTPPOOL_MAX_CLIENT_CONNS is 20000") {
+			t.Errorf("20,000 clients in 256 MiB: budget %d messages, cap %d, warnings %q, %v; want one message, the cap kept, a warning", c.bufferMessages, c.clientConns, c.warnings, err)
+		}
+	})
+	t.Run("a container too small for a message", func(t *testing.T) {
+		c, err := planCapacity(cfg, containerOf(48*mib), 1<<20)
+		if err != nil || c.bufferMessages != 1 || c.bufferFrom != "one message of SMTPPOOL_MAX_MESSAGE_BYTES, the least" ||
+			c.clientConns != minDerivedClientConns || len(c.warnings) != 2 ||
+			!strings.Contains(c.warnings[1], "lower SMTPPOOL_MAX_MESSAGE_BYTES or raise the memory limit") {
+			t.Errorf("defaults in 48 MiB: %v, budget %d messages, cap %d, warnings %q; want it to start, with one message, %d clients and a warning",
+				err, c.bufferMessages, c.clientConns, c.warnings, minDerivedClientConns)
 		}
 	})
 }
@@ -225,6 +320,26 @@ func TestUsageSaysHowTheCapIsDerived(t *testing.T) {
 		if !strings.Contains(help, want) {
 			t.Errorf("-h for SMTPPOOL_MAX_CLIENT_CONNS lacks %q:\n%s", want, help)
 		}
+	}
+}
+
+// TestUsageSaysHowTheBufferBudgetIsDerived: -h gives the figures the
+// derivation of the buffer budget uses.
+func TestUsageSaysHowTheBufferBudgetIsDerived(t *testing.T) {
+	var v envVar
+	for _, v = range envVars() {
+		if v.key == "SMTPPOOL_MAX_BUFFER_BYTES" {
+			break
+		}
+	}
+	for _, want := range []string{"half of that limit after " + formatBytes(baseBytes), strconv.Itoa(clientConnBytes>>10) + " KiB each",
+		"in whole messages, at least one and at most 2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES", "without a memory limit"} {
+		if !strings.Contains(v.help, want) {
+			t.Errorf("-h for SMTPPOOL_MAX_BUFFER_BYTES lacks %q:\n%s", want, v.help)
+		}
+	}
+	if v.def != "derived from memory" {
+		t.Errorf("-h gives SMTPPOOL_MAX_BUFFER_BYTES the default %q", v.def)
 	}
 }
 

@@ -73,7 +73,7 @@ type config struct {
 	DataTimeout        time.Duration `env:"SMTPPOOL_DATA_TIMEOUT" help:"limit on the upstream's reply to the end of a message"`
 
 	MaxMessageBytes int64         `env:"SMTPPOOL_MAX_MESSAGE_BYTES" help:"larger messages get 552 5.3.4"`
-	MaxBufferBytes  int64         `env:"SMTPPOOL_MAX_BUFFER_BYTES" default:"2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES" help:"memory for messages buffered at once, each counted at SMTPPOOL_MAX_MESSAGE_BYTES"`
+	MaxBufferBytes  int64         `env:"SMTPPOOL_MAX_BUFFER_BYTES" default:"derived from memory" help:"memory for messages buffered at once, each counted at SMTPPOOL_MAX_MESSAGE_BYTES from MAIL until it is relayed. Unset, with a memory limit (see SMTPPOOL_MAX_CLIENT_CONNS), it is half of that limit after 16 MiB (with SMTPPOOL_MAX_CLIENT_CONNS set, what its clients leave of it, at 20 KiB each), in whole messages, at least one and at most 2 x SMTPPOOL_MAX_CONNS x SMTPPOOL_MAX_MESSAGE_BYTES, which is the budget without a memory limit. The start-up log shows the figures"`
 	MaxRecipients   int           `env:"SMTPPOOL_MAX_RECIPIENTS" help:"more recipients per message get 452 4.5.3"`
 	ClientTimeout   time.Duration `env:"SMTPPOOL_CLIENT_TIMEOUT" help:"disconnect a client silent for this long"`
 	ShutdownTimeout time.Duration `env:"SMTPPOOL_SHUTDOWN_TIMEOUT" help:"on SIGTERM, how long open client connections may finish before they are closed; a second signal stops at once"`

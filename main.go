@@ -67,7 +67,7 @@ func run(ctx context.Context, args, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	cfg.MaxClientConns = capa.clientConns
+	cfg.MaxClientConns, cfg.MaxBufferBytes = capa.clientConns, capa.bufferBytes
 	access, err := cfg.accessConfig(logger)
 	if err != nil {
 		return err
