@@ -122,7 +122,7 @@ func TestCapLearnsThePostfixLimit(t *testing.T) {
 	}
 
 	once, missing, duplicated := peers.Copies(box, msgs)
-	explained := checkDuplicates(t, box, results, ambiguousClients(proxy.Log()))
+	explained, _ := checkDuplicates(t, pf, box, results, proxy.Log(), time.Time{})
 	t.Logf("postfix mailbox: %d/%d exactly once, %d missing, %d duplicated (%d of them after an ambiguous retry)",
 		once, clients, missing, duplicated, explained)
 	if missing > 0 {

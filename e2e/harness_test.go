@@ -8,6 +8,8 @@ package e2e
 // (its folders).
 
 import (
+	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -149,23 +151,92 @@ func acknowledged(results []peers.Result) []peers.Message {
 	return acked
 }
 
-// checkDuplicates fails the test for each message of results that is in
-// box more than once, unless its client is among ambiguous (the clients
-// for which the proxy logged an ambiguous retry: see ambiguousClients),
-// and returns how many duplicated messages that explained.
-func checkDuplicates(t *testing.T, box peers.Mailbox, results []peers.Result, ambiguous map[string]bool) (explained int) {
+// checkDuplicates fails the test for each message of results that
+// smtppool sent to Postfix more than once, unless the proxy logged an
+// ambiguous retry for its client (see ambiguousClients in proxyLog): the
+// reply to a whole message was lost, and smtppool sent it again. Copies are
+// told apart by the queue id Postfix gave each (StoredMessage.QueueID):
+// each SMTP transaction that Postfix accepted has its own, so the queue ids
+// are the copies smtppool sent. Two copies with one queue id are one message
+// that Postfix delivered twice: its delivery agent wrote the mailbox file,
+// and Postfix was stopped before its queue manager marked the recipient
+// done, so it delivered the message again after its restart. That is
+// Postfix's own at-least-once delivery, not smtppool's: it is allowed when
+// the test stopped Postfix, down is a moment when Postfix was down (after
+// its stop ended, before its restart began), and the copies' files were
+// written one before and one after that moment; otherwise it fails the
+// test. It returns how many messages smtppool sent twice after an
+// ambiguous retry, and how many Postfix delivered again. A failure prints
+// Postfix's log lines of the queue ids and smtppool's of the client.
+func checkDuplicates(t *testing.T, pf *peers.Postfix, box peers.Mailbox, results []peers.Result, proxyLog string, down time.Time) (explained, redelivered int) {
 	t.Helper()
+	ambiguous := ambiguousClients(proxyLog)
 	for _, r := range results {
-		if n := len(box[r.Msg.ID]); n > 1 {
-			if ambiguous[r.Local] {
-				explained++
-				t.Logf("%s: %d copies; the proxy logged an ambiguous retry for its client %s (allowed)", r.Msg.ID, n, r.Local)
-			} else {
-				t.Errorf("%s: %d copies, and the proxy logged no ambiguous retry for its client %s", r.Msg.ID, n, r.Local)
+		copies := box[r.Msg.ID]
+		if len(copies) < 2 {
+			continue
+		}
+		byQueue := peers.ByQueueID(copies)
+		ids := slices.Sorted(maps.Keys(byQueue))
+		evidence := func() string {
+			var b strings.Builder
+			for _, id := range ids {
+				fmt.Fprintf(&b, "  postfix, queue id %q:\n%s\n", id, indentLines(grepLines(pf.Log(), id+": "), "    "))
+			}
+			fmt.Fprintf(&b, "  smtppool, client %s:\n%s", r.Local, indentLines(grepLines(proxyLog, "client="+r.Local+" "), "    "))
+			return b.String()
+		}
+		if _, ok := byQueue[""]; ok {
+			t.Errorf("%s: %d copies, some without Postfix's Received header: cannot tell who sent them twice\n%s", r.Msg.ID, len(copies), evidence())
+			continue
+		}
+		for _, id := range ids {
+			if n := len(byQueue[id]); n > 1 {
+				redelivered++
+				if before, after := aroundDown(byQueue[id], down); before > 0 && after > 0 {
+					t.Logf("%s: Postfix delivered its queue file %s %d times, %d before it was stopped and %d after its restart: "+
+						"stopped after its delivery agent wrote the mailbox file, before it marked the recipient done (Postfix's own at-least-once; allowed)",
+						r.Msg.ID, id, n, before, after)
+				} else {
+					t.Errorf("%s: Postfix delivered its queue file %s %d times, not across a restart (%d copies written before %v, %d after)\n%s",
+						r.Msg.ID, id, n, before, down, after, evidence())
+				}
 			}
 		}
+		if len(ids) < 2 {
+			continue
+		}
+		if ambiguous[r.Local] {
+			explained++
+			t.Logf("%s: sent to Postfix %d times (queue ids %s); the proxy logged an ambiguous retry for its client %s (allowed)", r.Msg.ID, len(ids), strings.Join(ids, ", "), r.Local)
+		} else {
+			t.Errorf("%s: sent to Postfix %d times (queue ids %s), and the proxy logged no ambiguous retry for its client %s\n%s", r.Msg.ID, len(ids), strings.Join(ids, ", "), r.Local, evidence())
+		}
 	}
-	return explained
+	return explained, redelivered
+}
+
+// aroundDown counts the copies whose files were written before down and
+// those written after; with down zero (Postfix was never stopped), every
+// copy counts as before.
+func aroundDown(copies []peers.StoredMessage, down time.Time) (before, after int) {
+	for _, c := range copies {
+		fi, err := os.Stat(c.Path)
+		if err == nil && !down.IsZero() && fi.ModTime().After(down) {
+			after++
+		} else {
+			before++
+		}
+	}
+	return before, after
+}
+
+// indentLines puts prefix before each line of s.
+func indentLines(s, prefix string) string {
+	if s == "" {
+		return prefix + "(none)"
+	}
+	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
 }
 
 // adminAddress waits until smtppool has logged where its admin endpoints

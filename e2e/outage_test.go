@@ -132,10 +132,10 @@ func TestUpstreamOutageMidBurst(t *testing.T) {
 	}
 	once, missing, duplicated := peers.Copies(box, msgs)
 	ambiguous := ambiguousClients(proxy.Log())
-	explained := checkDuplicates(t, box, results, ambiguous)
-	t.Logf("postfix mailbox: %d/%d exactly once, %d missing, %d duplicated (%d of them after an ambiguous retry); "+
-		"proxy: %d retries logged, %d of them ambiguous, %d upstream sessions opened",
-		once, clients, missing, duplicated, explained,
+	explained, redelivered := checkDuplicates(t, pf, box, results, proxy.Log(), w.stopped)
+	t.Logf("postfix mailbox: %d/%d exactly once, %d missing, %d duplicated (%d sent again by smtppool after an ambiguous retry, "+
+		"%d delivered again by Postfix after its stop); proxy: %d retries logged, %d of them ambiguous, %d upstream sessions opened",
+		once, clients, missing, duplicated, explained, redelivered,
 		proxy.Count("transient upstream failure, retrying"), len(ambiguous), proxy.Count("upstream session opened"))
 	if missing > 0 {
 		t.Errorf("%d messages are not in the mailbox", missing)

@@ -7,6 +7,7 @@ import (
 	"net/mail"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -15,6 +16,29 @@ import (
 type StoredMessage struct {
 	Path   string
 	Header mail.Header
+	// QueueID is the queue id that a Postfix upstream gave the message
+	// when it received it, read from the Received header its smtpd added
+	// ("by upstream.test (Postfix) with ESMTP id 4FxyZ1ABC"); "" when no
+	// such header is there (smtp-sink adds none). One SMTP transaction,
+	// one queue id: copies with different queue ids were sent to Postfix
+	// more than once; copies with one queue id are one message that
+	// Postfix delivered more than once.
+	QueueID string
+}
+
+// postfixReceived matches the Received header of a Postfix smtpd and
+// captures its queue id.
+var postfixReceived = regexp.MustCompile(`\(Postfix\) with [A-Z]+ id ([0-9A-Za-z]+)`)
+
+// queueID is the queue id in the first Received header that a Postfix
+// smtpd added, the topmost: Postfix's own, not one the message came with.
+func queueID(h mail.Header) string {
+	for _, r := range h["Received"] {
+		if m := postfixReceived.FindStringSubmatch(r); m != nil {
+			return m[1]
+		}
+	}
+	return ""
 }
 
 // Mailbox is the delivered copies of messages, by Message-ID ("<...>").
@@ -41,7 +65,7 @@ func (box Mailbox) add(dir string) error {
 			return err
 		}
 		id := strings.TrimSpace(m.Get("Message-Id"))
-		box[id] = append(box[id], StoredMessage{Path: path, Header: m})
+		box[id] = append(box[id], StoredMessage{Path: path, Header: m, QueueID: queueID(m)})
 	}
 	return nil
 }
@@ -73,6 +97,15 @@ func Copies(box Mailbox, msgs []Message) (once, missing, duplicated int) {
 		}
 	}
 	return once, missing, duplicated
+}
+
+// ByQueueID groups copies by their QueueID.
+func ByQueueID(copies []StoredMessage) map[string][]StoredMessage {
+	by := map[string][]StoredMessage{}
+	for _, c := range copies {
+		by[c.QueueID] = append(by[c.QueueID], c)
+	}
+	return by
 }
 
 // Mailbox indexes what a Postfix upstream has delivered: every recipient
