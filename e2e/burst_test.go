@@ -70,9 +70,9 @@ func TestBurst(t *testing.T) {
 	limitRefusals := strings.Count(upLog, "Connection concurrency limit exceeded")
 	upstreamConns := strings.Count(upLog, ": connect from ")
 	t.Logf("via proxy: %d/%d delivered exactly once, %d missing, %d duplicated; "+
-		"upstream: %d connection-limit refusals, %d connections accepted; max upstream conns %d (cap %d) over %d samples; "+
+		"upstream: %d connection-limit refusals, %d connections accepted; max upstream conns %d (cap %d) over %d samples (%d in one dump); "+
 		"proxy opened %d upstream sessions",
-		once, clients, missing, duplicated, limitRefusals, upstreamConns, maxSeen, maxConns, samples,
+		once, clients, missing, duplicated, limitRefusals, upstreamConns, maxSeen, maxConns, samples, sampler.MostInOneDump(),
 		proxy.Count("upstream session opened"))
 
 	if once != clients {
@@ -128,8 +128,8 @@ func TestBurstOfFiveThousand(t *testing.T) {
 	if err != nil {
 		t.Errorf("sampling upstream connections: %v", err)
 	}
-	t.Logf("%d/%d delivered exactly once, %d missing, %d duplicated; max upstream conns %d (cap %d) over %d samples",
-		once, clients, missing, duplicated, maxSeen, maxConns, samples)
+	t.Logf("%d/%d delivered exactly once, %d missing, %d duplicated; max upstream conns %d (cap %d) over %d samples (%d in one dump)",
+		once, clients, missing, duplicated, maxSeen, maxConns, samples, sampler.MostInOneDump())
 	if once != clients {
 		t.Errorf("%d/%d messages in the mailbox exactly once; %d missing, %d duplicated", once, clients, missing, duplicated)
 	}

@@ -580,3 +580,111 @@ func TestMinIdleConnsAreKeptWarm(t *testing.T) {
 	}
 	memsmtp.WaitFor(t, "the pool to refill to two idle sessions", func() bool { return p.Stat().IdleConns == 2 })
 }
+
+// TestMaxConnsHoldsWhileSessionsCloseEveryWay: the hard cap counts a
+// connection from the start of its dial to the end of its Close, whichever
+// way its session ends: at the message limit on release, discarded by its
+// holder, broken by a dropped connection, or idle too long (closed by the
+// background loop while transactions dial). Workers churn sessions through
+// all four until each has happened several times; at no moment are more
+// than MaxConns connections dialling or open.
+func TestMaxConnsHoldsWhileSessionsCloseEveryWay(t *testing.T) {
+	const maxConns = 3
+	up := startUpstream(t, memsmtp.Options{})
+	var faults []memsmtp.Fault
+	for i := range 2000 {
+		faults = append(faults, memsmtp.Fault{Drop: i%9 == 4})
+	}
+	up.Inject(memsmtp.Rcpt, faults...)
+	o := &connCounter{}
+	p := newPool(t, up, pool.Config{
+		MaxConns:           maxConns,
+		MaxMessagesPerConn: 3,
+		MaxConnIdleTime:    time.Millisecond,
+		HealthCheckPeriod:  5 * time.Millisecond,
+		Dial:               o.dial,
+	})
+	enough := func(st pool.Stat) bool {
+		return st.ClosedMessages >= 5 && st.ClosedDiscarded >= 5 && st.ClosedBroken >= 5 && st.ClosedIdle >= 5
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ctx.Err() == nil && !enough(p.Stat()); i++ {
+				c, err := p.Acquire(ctx)
+				if err != nil {
+					continue
+				}
+				err = send(c, w*10000+i)
+				switch {
+				case err == nil && i%4 == 1:
+					c.Discard()
+				default:
+					c.Release()
+				}
+				if i%3 == w%3 {
+					// The scenario: a pause longer than MaxConnIdleTime,
+					// so that sessions idle out while others dial.
+					time.Sleep(time.Duration(1+i%3) * time.Millisecond)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	st := p.Stat()
+	t.Logf("closed: %d at the message limit, %d discarded, %d broken, %d idle; %d opened; at most %d connections dialling or open at once",
+		st.ClosedMessages, st.ClosedDiscarded, st.ClosedBroken, st.ClosedIdle, st.ConnsOpened, o.most())
+	if !enough(st) {
+		t.Fatalf("the sessions did not close every way within 20 s: %+v", st)
+	}
+	if n := o.most(); n > maxConns {
+		t.Errorf("%d connections were dialling or open at once, above MaxConns=%d", n, maxConns)
+	}
+}
+
+// connCounter is a Config.Dial that counts the connections dialling or
+// open: from the start of the dial to the end of Close (or of a failed
+// dial), and records the most at once.
+type connCounter struct {
+	mu         sync.Mutex
+	open, high int
+}
+
+func (o *connCounter) add(d int) {
+	o.mu.Lock()
+	o.open += d
+	o.high = max(o.high, o.open)
+	o.mu.Unlock()
+}
+
+func (o *connCounter) most() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.high
+}
+
+func (o *connCounter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	o.add(1)
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		o.add(-1)
+		return nil, err
+	}
+	return &closeUncounts{Conn: c, o: o}, nil
+}
+
+type closeUncounts struct {
+	net.Conn
+	o    *connCounter
+	once sync.Once
+}
+
+func (c *closeUncounts) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.o.add(-1) })
+	return err
+}

@@ -3,6 +3,7 @@ package peers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -94,5 +95,40 @@ func TestTail(t *testing.T) {
 	}
 	if got := Tail("a\nb", 5); got != "a\nb" {
 		t.Errorf("Tail of a short text = %q; want it whole", got)
+	}
+}
+
+// A dump that ran while connections churned lists more than were ever open
+// together; the sockets of two dumps in a row were open together.
+func TestTogetherCountsOnlySocketsOfTwoDumpsInARow(t *testing.T) {
+	const header = "0      0      127.0.0.1:%d 127.0.0.1:2526 ino:%d sk:%x cgroup:/ <->\n"
+	dump := func(ids ...int) map[string]bool {
+		var b strings.Builder
+		for _, id := range ids {
+			fmt.Fprintf(&b, header, 40000+id, 7000+id, id)
+		}
+		socks, err := parseSockets(b.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(socks) != len(ids) {
+			t.Fatalf("parsed %d sockets, want %d: %v", len(socks), len(ids), socks)
+		}
+		return socks
+	}
+	// Three sessions, one renewed during the second dump: the second dump
+	// lists the old one (closed after it was listed) and the new one.
+	first, second, third := dump(1, 2, 3), dump(1, 2, 3, 4), dump(1, 2, 4)
+	if n := together(first, second); n != 3 {
+		t.Errorf("together(first, second) = %d, want 3", n)
+	}
+	if n := together(second, third); n != 3 {
+		t.Errorf("together(second, third) = %d, want 3", n)
+	}
+	if n := together(nil, first); n != 0 {
+		t.Errorf("together(nil, first) = %d, want 0", n)
+	}
+	if _, err := parseSockets("0 0 127.0.0.1:40001 127.0.0.1:2526 ino:1\n"); err == nil {
+		t.Errorf("a socket without its cookie was parsed")
 	}
 }
