@@ -223,7 +223,8 @@ func (s *session) Data(r io.Reader) error {
 // interruptOnEnd makes a read of tx's message that waits for the client
 // return once tx's context ends (the transaction timeout, a shutdown's):
 // it closes go-smtp's BDAT pipe with the client's reply, which go-smtp
-// gives to the client's next BDAT, or, for DATA, moves the client
+// gives to the client's next BDAT that carries data or is the LAST (a
+// BDAT 0 writes nothing to the pipe), or, for DATA, moves the client
 // connection's read deadline into the past. stop undoes it; once stop has
 // returned, the connection's read deadline is go-smtp's again, for it to
 // read the rest of the message.
