@@ -127,37 +127,57 @@ func (x tlsConversation) reply() (int, string)       { return x.c.reply() }
 
 // TestClientTimeoutStartsWhenTheMessageIsAskedFor: the client timeout runs
 // while the client is asked for something, not while smtppool makes it
-// wait. A transaction that waits at DATA for buffer space (another message
-// holds the whole budget while a slow upstream answers it) for longer than
-// the client timeout is then asked for its message, and delivered. go-smtp
-// sets the read and write deadlines as it reads the DATA line and writes
-// 354; the 354 was written (it is held until the next read) only after the
-// wait, with its write deadline past, and the message was read with its
-// read deadline past: the client got 451 4.3.0 without a 354.
+// wait. A transaction that gave its upstream session up at a recipient
+// (the upstream failed it until MaxAttempts), with another recipient
+// accepted, needs a session again at DATA, and waits for it longer than
+// the client timeout while another client's message holds the only one;
+// it is then asked for its message, and delivered. go-smtp sets the read
+// and write deadlines as it reads the DATA line and writes 354: the 354
+// (held until the next read) went out after the wait past its write
+// deadline, and the message was read past its read deadline; the client
+// got 451 4.3.0 and no 354.
 func TestClientTimeoutStartsWhenTheMessageIsAskedFor(t *testing.T) {
 	const clientTimeout = 500 * time.Millisecond
-	e := newEnv(t, options{pool: pool.Config{MaxConns: 2},
-		proxy: proxy.Config{ClientTimeout: clientTimeout, MaxMessageBytes: 1024, MaxBufferBytes: 1024}})
-	e.up.Inject(memsmtp.Data, memsmtp.Fault{Delay: 3 * clientTimeout})
-	first := make(chan error, 1)
-	go func() { first <- send(e.dial(t), "app@example.com", []string{"user@example.com"}, message("first")) }()
-	memsmtp.WaitFor(t, "the first message to reach the slow upstream", func() bool { return e.up.Stats().Commands["DATA"]+e.up.Stats().Commands["BDAT"] == 1 })
-
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1},
+		proxy: proxy.Config{ClientTimeout: clientTimeout, MaxAttempts: 2}})
 	c := rawDial(t, e.addr)
 	c.must("EHLO client.test", 250)
 	c.must("MAIL FROM:<app@example.com>", 250)
-	c.must("RCPT TO:<user@example.com>", 250)
+	c.must("RCPT TO:<one@example.com>", 250)
+	// The second recipient fails with 421 twice (the replay of the first
+	// one, between them, goes through): the transaction gives up its
+	// session, and the client keeps its first recipient.
+	fail := memsmtp.Fault{Reply: reply(421, [3]int{4, 3, 0}, "try again")}
+	e.up.Inject(memsmtp.Rcpt, fail)
+	e.up.Inject(memsmtp.Rcpt, memsmtp.Fault{})
+	e.up.Inject(memsmtp.Rcpt, fail)
+	if code, msg := c.cmd("RCPT TO:<two@example.com>"); code/100 != 4 {
+		t.Fatalf("second recipient: %d %s, want a 4xx after two failures", code, msg)
+	}
+	if n := e.pool.Stat().AcquiredConns; n != 0 {
+		t.Fatalf("%d sessions lent after the failed recipient, want the transaction to have given its up", n)
+	}
+	// Another client takes the only session, and the upstream takes three
+	// client timeouts to answer its message.
+	e.up.Inject(memsmtp.Data, memsmtp.Fault{Delay: 3 * clientTimeout})
+	other := make(chan error, 1)
+	go func() { other <- send(e.dial(t), "app@example.com", []string{"user@example.com"}, message("other")) }()
+	memsmtp.WaitFor(t, "the other message to reach the slow upstream", func() bool {
+		st := e.up.Stats()
+		return st.Commands["DATA"]+st.Commands["BDAT"] == 1
+	})
+
 	start := time.Now()
 	code, msg := c.cmd("DATA")
 	t.Logf("354 after %v", time.Since(start).Round(time.Millisecond))
 	if code != 354 {
-		t.Fatalf("DATA while another message holds the buffer budget: %d %s, want 354 once it is free", code, msg)
+		t.Fatalf("DATA while another message holds the only session: %d %s, want 354 once it is free", code, msg)
 	}
-	c.write(message("second") + ".\r\n")
+	c.write(message("waited") + ".\r\n")
 	if code, msg := c.reply(); code != 250 {
 		t.Errorf("the message after the wait: %d %s, want 250", code, msg)
 	}
-	if err := <-first; err != nil {
-		t.Errorf("first message: %v", err)
+	if err := <-other; err != nil {
+		t.Errorf("the other message: %v", err)
 	}
 }

@@ -180,9 +180,9 @@ func (s *session) Data(r io.Reader) error {
 	if s.conn != nil {
 		// The client's clock starts now that it is asked for its message
 		// (the 354 that go-smtp wrote before Data goes out with the first
-		// read), not when it sent DATA or BDAT: the waits above, for
-		// buffer space and a session, may have taken longer than the
-		// client timeout.
+		// read), not when it sent DATA or BDAT: the wait above, for a
+		// session after a failed recipient gave one up, and its replay,
+		// may have taken longer than the client timeout.
 		s.conn.SetDeadline(time.Now().Add(s.b.cfg.ClientTimeout))
 	}
 	body := &clientBody{r: r, ctx: tx.ctx}
