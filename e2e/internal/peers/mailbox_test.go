@@ -1,9 +1,12 @@
 package peers
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // A copy's queue id is the one in the Received header of Postfix's smtpd
@@ -42,5 +45,49 @@ func TestMailboxReadsPostfixQueueIDs(t *testing.T) {
 	}
 	if m2 := box["<m2@test>"]; len(m2) != 1 || m2[0].QueueID != "" {
 		t.Errorf("copies of <m2@test>: %+v; want one without a queue id", m2)
+	}
+}
+
+// After a stop, a queue file that a killed cleanup left unfinished (mode
+// 0600, as it creates them; an empty incoming/582332.22886 in one run of
+// TestUpstreamRestartMidBurst) is never delivered: WaitDeliveredAfterStop
+// does not wait for it, while WaitDelivered, which counts every queue file,
+// does. A finished queue file (owner-execute set) is waited for by both.
+func TestWaitDeliveredAfterStopSkipsUnfinishedQueueFiles(t *testing.T) {
+	dir := t.TempDir()
+	p := newPostfix(dir, 0)
+	maildir := filepath.Join(dir, "mail", "sink", "new")
+	incoming := filepath.Join(dir, "spool", "incoming")
+	for _, d := range []string{maildir, incoming} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := NewMessages("afterstop", 2)
+	for i, m := range want {
+		if err := os.WriteFile(filepath.Join(maildir, fmt.Sprint(i)), m.Bytes(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unfinished := filepath.Join(incoming, "582332.22886")
+	if err := os.WriteFile(unfinished, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	box, err := p.WaitDeliveredAfterStop(ctx, want, 2*time.Second)
+	if err != nil {
+		t.Fatalf("WaitDeliveredAfterStop with an unfinished queue file: %v", err)
+	}
+	if len(box) != len(want) {
+		t.Errorf("mailbox holds %d messages, want %d", len(box), len(want))
+	}
+	if _, err := p.WaitDelivered(ctx, want, 300*time.Millisecond); err == nil {
+		t.Errorf("WaitDelivered returned with a queue file in incoming/; it counts every queue file")
+	}
+	if err := os.Chmod(unfinished, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.WaitDeliveredAfterStop(ctx, want, 300*time.Millisecond); err == nil {
+		t.Errorf("WaitDeliveredAfterStop returned with a finished queue file in incoming/")
 	}
 }
