@@ -14,6 +14,7 @@ import (
 	"log"
 	"net"
 	"net/mail"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,6 +127,14 @@ type Stats struct {
 	// "RSET", ...). Lines of message bodies are counted too, so tests
 	// should send bodies whose lines do not start with a verb.
 	Commands map[string]int64
+	// MostJunk and MostErrors are the most junk commands (RSET and NOOP)
+	// and error replies (4xx and 5xx) that one connection had without a
+	// message delivered in between: what Postfix's smtpd counts against
+	// smtpd_junk_command_limit and its error limits, forgetting both when
+	// it accepts a message. They are counted in plain text only: not with
+	// ImplicitTLS, and not after STARTTLS. Lines of message bodies count
+	// as for Commands.
+	MostJunk, MostErrors int64
 }
 
 // Server is a running in-memory SMTP server.
@@ -144,6 +153,7 @@ type Server struct {
 	closeOnce sync.Once
 
 	conns, open, maxOpen, auths atomic.Int64
+	mostJunk, mostErrors        int64 // guarded by mu
 
 	mu       sync.Mutex
 	faults   map[Command][]Fault
@@ -277,7 +287,8 @@ func (s *Server) Stats() Stats {
 		cmds[k] = v
 	}
 	return Stats{Conns: s.conns.Load(), Open: s.open.Load(), MaxOpen: s.maxOpen.Load(),
-		Auths: s.auths.Load(), Messages: int64(len(s.messages)), Commands: cmds}
+		Auths: s.auths.Load(), Messages: int64(len(s.messages)), Commands: cmds,
+		MostJunk: s.mostJunk, MostErrors: s.mostErrors}
 }
 
 // CloseConns closes every open connection, as a server restart would, and
@@ -334,6 +345,7 @@ func (l *listener) Accept() (net.Conn, error) {
 		}
 		s := l.s
 		conn := &conn{Conn: c, s: s, id: s.conns.Add(1), hide: s.opts.Hide}
+		conn.plain.Store(!s.opts.ImplicitTLS)
 		s.mu.Lock()
 		s.live[conn] = struct{}{}
 		s.mu.Unlock()
@@ -368,7 +380,8 @@ func (l *listener) Accept() (net.Conn, error) {
 	}
 }
 
-// conn counts its own closing and hides extensions from the EHLO reply.
+// conn counts its own closing, hides extensions from the EHLO reply, and
+// keeps Postfix's counts of junk commands and errors (see Stats.MostJunk).
 type conn struct {
 	net.Conn
 	s         *Server
@@ -377,6 +390,54 @@ type conn struct {
 	closeOnce sync.Once
 
 	greetDelay time.Duration // delays the first write, the greeting
+
+	// plain says that what Read and Write see is plain text: false with
+	// implicit TLS and from STARTTLS on.
+	plain atomic.Bool
+	// line is the start of the line being read, up to maxVerb bytes.
+	line []byte
+	// junk and errs are counted since the last delivered message; guarded
+	// by s.mu.
+	junk, errs int64
+}
+
+// maxVerb is the most bytes of a line that Read keeps to find its verb.
+const maxVerb = 9
+
+// Read counts the junk commands among the lines it reads.
+func (c *conn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	for _, ch := range b[:n] {
+		if !c.plain.Load() {
+			break
+		}
+		if ch != '\n' {
+			if len(c.line) < maxVerb {
+				c.line = append(c.line, ch)
+			}
+			continue
+		}
+		verb, _, _ := bytes.Cut(bytes.TrimRight(c.line, "\r"), []byte(" "))
+		c.line = c.line[:0]
+		switch strings.ToUpper(string(verb)) {
+		case "RSET", "NOOP":
+			c.s.mu.Lock()
+			c.junk++
+			c.s.mostJunk = max(c.s.mostJunk, c.junk)
+			c.s.mu.Unlock()
+		case "STARTTLS":
+			c.plain.Store(false)
+		}
+	}
+	return n, err
+}
+
+// delivered forgets the junk commands and errors, as Postfix does when it
+// accepts a message.
+func (c *conn) delivered() {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.junk, c.errs = 0, 0
 }
 
 func (c *conn) Close() error {
@@ -402,6 +463,13 @@ func (c *conn) Write(b []byte) (int, error) {
 			return len(b), nil
 		}
 	}
+	// The last line of a reply ("550 ...", not "550-...") counts it.
+	if c.plain.Load() && len(b) > 3 && (b[0] == '4' || b[0] == '5') && b[3] == ' ' {
+		c.s.mu.Lock()
+		c.errs++
+		c.s.mostErrors = max(c.s.mostErrors, c.errs)
+		c.s.mu.Unlock()
+	}
 	return c.Conn.Write(b)
 }
 
@@ -418,7 +486,7 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	default:
 	}
 	s.sessions++
-	return &session{s: s, c: c, conn: id}, nil
+	return &session{s: s, c: c, conn: id, cc: connOf(c.Conn())}, nil
 }
 
 func connOf(nc net.Conn) *conn {
@@ -436,6 +504,7 @@ type session struct {
 	s      *Server
 	c      *smtp.Conn
 	conn   int64
+	cc     *conn // nil if not one of the listener's
 	authed bool
 	msg    Message
 	begun  bool // a transaction is open: MAIL, and no message yet
@@ -542,6 +611,14 @@ func (ss *session) overSessionLimit() bool {
 }
 
 func (ss *session) Data(r io.Reader) error {
+	err := ss.data(r)
+	if err == nil && ss.cc != nil {
+		ss.cc.delivered()
+	}
+	return err
+}
+
+func (ss *session) data(r io.Reader) error {
 	ss.begun = false
 	if ss.overSessionLimit() {
 		return ErrSessionLimit
