@@ -186,7 +186,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.descs.opened, s.ConnsOpened)
 	for reason, n := range map[string]int64{"broken": s.ClosedBroken, "lifetime": s.ClosedLifetime, "idle": s.ClosedIdle,
 		"messages": s.ClosedMessages, "discarded": s.ClosedDiscarded, "shutdown": s.ClosedShutdown,
-		"cap": s.ClosedCap} {
+		"cap": s.ClosedCap, "errors": s.ClosedErrors, "junk": s.ClosedJunk} {
 		counter(c.descs.closed, n, reason)
 	}
 	counter(c.descs.failures, s.ConnectFailures)

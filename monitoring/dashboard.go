@@ -193,7 +193,7 @@ func Dashboard() (dashboard.Dashboard, error) {
 		WithTarget(query("A", `smtppool_upstream_up{sel}`, "{{instance}} {{upstream}}")).
 		Max(1).
 		Mappings([]dashboard.ValueMapping{upMapping}))
-	b.WithPanel(timeseriesPanel("Upstream sessions opened and closed", "Upstream sessions set up, failed set-ups, and sessions closed by reason (lifetime, idle, messages, broken, discarded, cap, shutdown), per second.", "ops").
+	b.WithPanel(timeseriesPanel("Upstream sessions opened and closed", "Upstream sessions set up, failed set-ups, and sessions closed by reason (lifetime, idle, messages, broken, discarded, cap, shutdown, errors, junk), per second.", "ops").
 		WithTarget(query("A", `sum(rate(smtppool_upstream_connections_opened_total{sel}[$__rate_interval]))`, "opened")).
 		WithTarget(query("B", `sum(rate(smtppool_upstream_connect_failures_total{sel}[$__rate_interval]))`, "failed set-ups")).
 		WithTarget(query("C", `sum by (reason) (rate(smtppool_upstream_connections_closed_total{sel}[$__rate_interval]))`, "closed: {{reason}}")))

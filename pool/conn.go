@@ -258,6 +258,9 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	s.messages++
 	c.pool.stats.messages.Add(1)
 	if err == nil {
+		// The upstream forgets the session's errors and junk commands
+		// when it accepts a message.
+		s.client.Tally = smtpclient.Tally{}
 		return reply, c.done(ctx, "end of DATA", nil, 250)
 	}
 	return "", c.done(ctx, "end of DATA", err, 0)
@@ -282,7 +285,10 @@ func (c *Conn) done(ctx context.Context, stage string, err error, ok int, echoes
 // Release returns the session to the pool. A session left in the middle of
 // a transaction is reset with RSET (and no EHLO, after which some
 // upstreams forget the AUTH), and closed if that fails. A broken session,
-// or one at its lifetime or message limit, is closed too. Release may be
+// one at its lifetime or message limit, and one that has made as many
+// errors or junk commands since the upstream last accepted a message from
+// it as the pool allows (see maxErrorReplies) is closed instead, without
+// RSET. Release may be
 // called more than once; the Conn must not be used after.
 //
 // The session's place under the effective cap is given back once the
@@ -294,14 +300,18 @@ func (c *Conn) Release() {
 	}
 	c.released = true
 	s := c.res.Value()
-	if s.dirty && !s.broken {
+	reason := c.pool.retireReason(c.res)
+	if s.dirty && !s.broken && reason == closeNone {
+		// (A session to be closed is not reset: QUIT ends the
+		// transaction too.)
 		if err := s.client.Reset(); err != nil {
 			c.pool.log.Debug("upstream session failed RSET", "session", s.id, "err", err)
 			s.broken = true
 		}
 		s.dirty = false
+		reason = c.pool.retireReason(c.res)
 	}
-	if reason := c.pool.retireReason(c.res); reason != closeNone {
+	if reason != closeNone {
 		c.destroy(reason)
 		return
 	}

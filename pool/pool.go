@@ -266,10 +266,36 @@ const (
 	closeDiscarded
 	closeShutdown
 	closeCap
+	closeErrors
+	closeJunk
 	numCloseReasons
 )
 
-var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "shutdown", "cap"}
+var closeReasonNames = [numCloseReasons]string{"", "broken", "lifetime", "idle", "messages", "discarded", "shutdown", "cap", "errors", "junk"}
+
+// An upstream holds a client's errors and junk commands against it until
+// it accepts a message from it, and past its limits slows down or
+// disconnects. Postfix's smtpd, with its defaults: every command it
+// refuses (4xx or 5xx, a refused recipient too) is an error; RSET, NOOP,
+// VRFY and ETRN are junk commands, and each past smtpd_junk_command_limit
+// (100) is an error too; from smtpd_soft_error_limit (10) errors on it
+// sleeps smtpd_error_sleep_time (1 s) before every reply, and at
+// smtpd_hard_error_limit (20) it disconnects. A session gathers them from
+// transactions that end without a message: refused recipients (an error,
+// and an RSET to end the transaction), and transactions a client abandons
+// or whose message smtppool refuses itself (an RSET each), and the NOOP of
+// a check after an idle spell. So a session that has made maxErrorReplies
+// errors or maxJunkCommands junk commands since the upstream last accepted
+// a message from it is retired (closed with QUIT, and another dialled when
+// needed; the count starts again on the new one): 8 errors leave room for
+// a transaction that makes two more before Postfix's sleep (a refused
+// recipient and a refused message), and 50 junk commands are half of
+// Postfix's limit. Ordinary traffic, where messages are accepted in
+// between, never reaches them.
+const (
+	maxErrorReplies = 8
+	maxJunkCommands = 50
+)
 
 func (r closeReason) String() string { return closeReasonNames[r] }
 
@@ -289,6 +315,10 @@ func (p *Pool) retireReason(res *puddle.Resource[*session]) closeReason {
 		return closeLifetime
 	case s.messages >= p.cfg.MaxMessagesPerConn:
 		return closeMessages
+	case s.client.Tally.Errors >= maxErrorReplies:
+		return closeErrors
+	case s.client.Tally.Junk >= maxJunkCommands:
+		return closeJunk
 	}
 	return closeNone
 }
@@ -299,7 +329,8 @@ func (p *Pool) destroy(res *puddle.Resource[*session], reason closeReason) {
 	s := res.Value()
 	s.closeReason = reason
 	p.log.Debug("upstream session closing", "session", s.id, "reason", reason.String(),
-		"messages", s.messages, "age", time.Since(res.CreationTime()).Round(time.Millisecond).String())
+		"messages", s.messages, "age", time.Since(res.CreationTime()).Round(time.Millisecond).String(),
+		"errors", s.client.Tally.Errors, "junk", s.client.Tally.Junk)
 	res.Destroy()
 }
 

@@ -87,6 +87,11 @@ type Stat struct {
 	// ClosedCap counts conns closed because the effective cap was lowered
 	// below the conns open.
 	ClosedCap int64
+	// ClosedErrors and ClosedJunk count conns retired before the upstream
+	// would slow them down or disconnect them: after 8 refused commands
+	// (4xx or 5xx replies), or 50 RSET and NOOP commands, since it last
+	// accepted a message from them.
+	ClosedErrors, ClosedJunk int64
 
 	// UpstreamUp reports whether the last set-up or health check of a conn
 	// to any entry of Config.Addr succeeded; it is false until one has.
@@ -136,6 +141,8 @@ func (p *Pool) Stat() Stat {
 		ClosedDiscarded:      p.stats.closed[closeDiscarded].Load(),
 		ClosedShutdown:       p.stats.closed[closeShutdown].Load(),
 		ClosedCap:            p.stats.closed[closeCap].Load(),
+		ClosedErrors:         p.stats.closed[closeErrors].Load(),
+		ClosedJunk:           p.stats.closed[closeJunk].Load(),
 		UpstreamUp:           p.upstreamUp(),
 		Upstreams:            ups,
 	}

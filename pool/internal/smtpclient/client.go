@@ -95,6 +95,22 @@ type Client struct {
 	// final reply to a message not in the form of a reply. The
 	// connection is out of step after it.
 	malformed error
+
+	// Tally counts what the server holds against the client; the client
+	// never clears it (its user does, when the server accepts a message).
+	Tally Tally
+}
+
+// Tally counts what a server such as Postfix's smtpd holds against a
+// client until it accepts a message from it, and slows down or
+// disconnects a client over its limits for.
+type Tally struct {
+	// Errors counts the replies of class 4 or 5 read: each a command the
+	// server refused, an error to it.
+	Errors int
+	// Junk counts the RSET and NOOP commands sent: "junk commands" to
+	// Postfix.
+	Junk int
 }
 
 // New returns a client on conn, which may be a *tls.Conn already (implicit
@@ -352,6 +368,7 @@ func (c *Client) Cmd(expect int, line string) (code int, msg string, err error) 
 
 // Noop sends NOOP.
 func (c *Client) Noop() error {
+	c.Tally.Junk++
 	_, _, err := c.Cmd(250, "NOOP")
 	if err != nil {
 		return fmt.Errorf("NOOP: %w", err)
@@ -361,6 +378,7 @@ func (c *Client) Noop() error {
 
 // Reset sends RSET.
 func (c *Client) Reset() error {
+	c.Tally.Junk++
 	_, _, err := c.Cmd(250, "RSET")
 	if err != nil {
 		return fmt.Errorf("RSET: %w", err)
@@ -463,6 +481,9 @@ func (c *Client) readReplyAs(expect int, timeout time.Duration, lenient bool) (i
 		return 0, "", fmt.Errorf("read reply: %w", err)
 	}
 	c.handshook = false
+	if code/100 == 4 || code/100 == 5 {
+		c.Tally.Errors++
+	}
 	if !codeMatches(code, expect) {
 		return code, msg, toSMTPError(code, msg)
 	}
