@@ -119,18 +119,26 @@ func classifySignal(stage string, e *smtp.SMTPError, echoes ...string) signal {
 }
 
 // serverText is a reply's text in lower case, with what may echo the
-// client's input taken out: each echo (as sent, and with its quotes
-// removed, as Postfix quotes an address), then every span in angle
-// brackets. What is left is the server's own words, which a client cannot
-// choose; leading spaces are trimmed.
+// client's input taken out: each echo, as sent and with its quotes removed
+// (as Postfix quotes an address), wherever it is; then every span in angle
+// brackets; then, at the start, the echo's local part alone, in either
+// form, as a word of its own (as Sendmail's "user... User unknown" quotes
+// a local recipient; only there, where the provider's words must begin,
+// so that a short local part such as "a" takes no letters out of them).
+// What is left is the server's own words, which a client cannot choose;
+// leading spaces are trimmed.
 func serverText(msg string, echoes []string) string {
 	text := strings.ToLower(msg)
+	var locals []string
 	for _, e := range echoes {
 		e = strings.ToLower(e)
 		for _, form := range []string{e, strings.ReplaceAll(e, `"`, "")} {
 			if form != "" {
 				text = strings.ReplaceAll(text, form, "")
 			}
+		}
+		if at := strings.LastIndexByte(e, '@'); at > 0 {
+			locals = append(locals, e[:at], strings.ReplaceAll(e[:at], `"`, ""))
 		}
 	}
 	var b strings.Builder
@@ -146,7 +154,20 @@ func serverText(msg string, echoes []string) string {
 		}
 		text = rest
 	}
-	return strings.TrimLeft(b.String(), " ")
+	text = strings.TrimLeft(b.String(), " ")
+	for _, local := range locals {
+		rest, ok := strings.CutPrefix(text, local)
+		if ok && local != "" && (rest == "" || !isWordByte(rest[0])) {
+			text = strings.TrimLeft(rest, " ")
+		}
+	}
+	return text
+}
+
+// isWordByte reports whether c is a letter or digit: a local part counts
+// as echoed at the start of a reply only when no word goes on after it.
+func isWordByte(c byte) bool {
+	return 'a' <= c && c <= 'z' || '0' <= c && c <= '9'
 }
 
 // signalError wraps err with the sentinel of its signal, if it carries an

@@ -77,6 +77,15 @@ func TestSignalsAreReadFromTheReply(t *testing.T) {
 			return &smtp.SMTPError{Code: code, EnhancedCode: enh, Message: fmt.Sprintf(format, arg)}
 		}
 	}
+	// echoLocal quotes the address's local part alone, without its
+	// quotes, where the format has %s, as Sendmail's "user... User
+	// unknown" quotes a local recipient.
+	echoLocal := func(code int, enh smtp.EnhancedCode, format string) replyFor {
+		return func(arg string) *smtp.SMTPError {
+			local := strings.ReplaceAll(arg[:max(strings.LastIndexByte(arg, '@'), 0)], `"`, "")
+			return &smtp.SMTPError{Code: code, EnhancedCode: enh, Message: fmt.Sprintf(format, local)}
+		}
+	}
 	none := smtp.NoEnhancedCode
 	tests := []struct {
 		name  string
@@ -115,6 +124,10 @@ func TestSignalsAreReadFromTheReply(t *testing.T) {
 			echo(454, smtp.EnhancedCode{4, 7, 1}, "%s: try again later", false), nil},
 		{"Google's peak words echoed without brackets at RCPT", memsmtp.Rcpt, `"Peak SMTP relay limit exceeded"@test.example`,
 			echo(450, smtp.EnhancedCode{4, 2, 1}, "%s: mailbox busy", true), nil},
+		{"Google's peak words as a local part echoed alone at RCPT", memsmtp.Rcpt, `"Peak SMTP relay limit exceeded"@test.example`,
+			echoLocal(450, smtp.EnhancedCode{4, 2, 1}, "%s... Mailbox busy"), nil},
+		{"Google's peak words as a local part echoed alone at MAIL", memsmtp.Mail, `"Peak SMTP relay limit exceeded x"@test.example`,
+			echoLocal(450, smtp.EnhancedCode{4, 2, 1}, "%s... Sender busy"), nil},
 		{"a closing bracket in the address", memsmtp.Rcpt, `"a>peak smtp relay limit exceeded"@test.example`,
 			echo(450, smtp.EnhancedCode{4, 2, 1}, "<%s>: deferred", true), nil},
 		{"a 5xx to RCPT with the connection-limit code", memsmtp.Rcpt, "b@example.com", fixed(532, smtp.EnhancedCode{4, 3, 2}, "too many connections"), nil},
