@@ -1167,7 +1167,7 @@ func checkCapacity(t reporter, sc *corev1.Container, env map[string]string) {
 	}
 	budget = max(budget, msg) // as smtppool applies it
 	if ok3 && budget/msg < conns {
-		t.Errorf("SMTPPOOL_MAX_BUFFER_BYTES=%d holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES=%d, fewer than the %d upstream sessions: in a burst, transactions that find no buffer space queue again and time out",
+		t.Errorf("SMTPPOOL_MAX_BUFFER_BYTES=%d holds %d messages of SMTPPOOL_MAX_MESSAGE_BYTES=%d, fewer than the %d upstream sessions: no more transactions than that use sessions at once, the others stay idle and a burst drains slower",
 			budget, budget/msg, msg, conns)
 	}
 	limit, ok := sc.Resources.Limits[corev1.ResourceMemory]

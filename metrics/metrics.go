@@ -129,7 +129,7 @@ func RegisterPool(reg prometheus.Registerer, p *pool.Pool, upstream string) {
 	c.descs.up = prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "upstream_up"),
 		"1 when the last set-up or health check of a connection to this upstream entry succeeded; 0 before the first and after a failure.",
 		[]string{"upstream"}, nil)
-	c.descs.waiting = d("transactions_waiting", "Transactions waiting now for buffer space or an upstream connection: the backpressure queue.")
+	c.descs.waiting = d("transactions_waiting", "Transactions waiting now for buffer space, the rate limit or an upstream connection: the backpressure queue.")
 	c.descs.drainSeconds = d("transactions_drain_seconds", "How long the transactions waiting now would take to get an upstream connection at the pace connections were handed out over the last minute (or since the queue formed): 0 with none waiting, +Inf when none was handed out.")
 	c.descs.drainLate = d("transactions_drain_late", "1 while the transactions waiting cannot all get an upstream connection within SMTPPOOL_ACQUIRE_TIMEOUT at the pace of the last minute: the last of them will time out.")
 	c.descs.opened = d("upstream_connections_opened_total", "Upstream connections set up (dialled, greeted, upgraded, authenticated).")

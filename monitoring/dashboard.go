@@ -139,7 +139,7 @@ func Dashboard() (dashboard.Dashboard, error) {
 			AllValue(".*"))
 
 	// First row: the state at a glance.
-	b.WithPanel(statPanel("Upstream up", "smtppool_upstream_up per upstream entry, the lowest across instances: 1 when the last set-up or health check of a session to it succeeded, 0 after a failure and before the first try (a failover entry never needed reads 0).").
+	b.WithPanel(statPanel("Upstream up", "smtppool_upstream_up per upstream entry, the lowest across instances: 1 when the last set-up or health check of a session to it succeeded, 0 after a failure and before the first try (a failover entry never needed reads 0; a set-up refused over the upstream's connection limit is no failure).").
 		WithTarget(query("A", `min by (upstream) (smtppool_upstream_up{sel})`, "{{upstream}}")).
 		Mappings([]dashboard.ValueMapping{upMapping}).
 		Thresholds(thresholds(false)).
@@ -149,7 +149,7 @@ func Dashboard() (dashboard.Dashboard, error) {
 		WithTarget(query("B", `sum(smtppool_upstream_effective_max_connections{sel})`, "cap")).
 		WithTarget(query("C", `sum(smtppool_upstream_max_connections{sel})`, "max")).
 		ColorMode(common.BigValueColorModeNone))
-	b.WithPanel(statPanel("Waiting transactions", "Transactions waiting now for an upstream session: the backpressure queue. Each is a client connection held open at its command.").
+	b.WithPanel(statPanel("Waiting transactions", "Transactions waiting now for their share of the message buffer budget, the rate limit or an upstream session: the backpressure queue. Each is a client connection held open at its command.").
 		WithTarget(query("A", `sum(smtppool_transactions_waiting{sel})`, "waiting")).
 		Thresholds(thresholds(true)).
 		ColorMode(common.BigValueColorModeValue))
@@ -165,7 +165,7 @@ func Dashboard() (dashboard.Dashboard, error) {
 		Stacking(common.NewStackingConfigBuilder().Mode(common.StackingModeNormal).Group("A")).
 		OverrideByQuery("B", capLine("red")).
 		OverrideByQuery("C", capLine("gray")))
-	b.WithPanel(timeseriesPanel("Waiting transactions and acquire timeouts", "Transactions waiting for an upstream session (left), and those that gave up after SMTPPOOL_ACQUIRE_TIMEOUT, per second (right): a client that gets a 4xx, which a chat server does not retry.", "short").
+	b.WithPanel(timeseriesPanel("Waiting transactions and acquire timeouts", "Transactions waiting for buffer space, the rate limit or an upstream session (left), and those that gave up after SMTPPOOL_ACQUIRE_TIMEOUT, per second (right): a client that gets a 4xx, which a chat server does not retry.", "short").
 		WithTarget(query("A", `sum(smtppool_transactions_waiting{sel})`, "waiting")).
 		WithTarget(query("B", `sum(rate(smtppool_acquire_timeouts_total{sel}[$__rate_interval]))`, "acquire timeouts/s")).
 		OverrideByQuery("B", []dashboard.DynamicConfigValue{
@@ -183,7 +183,7 @@ func Dashboard() (dashboard.Dashboard, error) {
 		WithTarget(query("A", `sum by (reason) (rate(smtppool_retries_total{sel}[$__rate_interval]))`, "{{reason}}")))
 
 	// How long it takes.
-	b.WithPanel(timeseriesPanel("Acquire wait", "Time transactions waited for an upstream session they then got: p50, p90 and p99 across the selected instances.", "s").
+	b.WithPanel(timeseriesPanel("Acquire wait", "Time transactions waited for an upstream session they then got (at MAIL, the wait for buffer space before it included): p50, p90 and p99 across the selected instances.", "s").
 		Targets(histogramQuantiles("smtppool_acquire_wait_seconds")))
 	b.WithPanel(timeseriesPanel("Relay latency", "Time from a transaction's MAIL to its end, waits and retries included: p50, p90 and p99 across the selected instances.", "s").
 		Targets(histogramQuantiles("smtppool_relay_duration_seconds")))

@@ -68,14 +68,15 @@ type Config struct {
 	// RetryBackoffMax caps the pause between tries; default 4 seconds.
 	RetryBackoffMax time.Duration
 
-	// TransactionTimeout is the longest a client transaction may hold an
-	// upstream session while the proxy waits for the client, its message
-	// included (a DATA body, BDAT chunks); after it, the session is
-	// released, nothing is relayed, and the client gets 451 4.4.2 (for a
-	// message, once it ends it). A command already
-	// sent upstream is not cut short (that could leave a delivered message
-	// unacknowledged): the pool's command and data timeouts bound it.
-	// Default 15 minutes.
+	// TransactionTimeout is the longest a client transaction may last
+	// once it holds an upstream session, so that a client cannot keep the
+	// session while the proxy waits for it, its message included (a DATA
+	// body, BDAT chunks); whatever the transaction waits for then (the
+	// client, a retry's pause, a fresh session) ends, the session is
+	// released, nothing is relayed, and the client gets 451 4.4.2 (in a
+	// message, once it ends it). A command already sent upstream is not
+	// cut short (that could leave a delivered message unacknowledged): the
+	// pool's command and data timeouts bound it. Default 15 minutes.
 	TransactionTimeout time.Duration
 
 	// ClientTimeout is how long a client may stay silent, or take to read a

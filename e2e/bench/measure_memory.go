@@ -84,7 +84,8 @@ func (b *bench) idleMemory(g *peers.Group) (float64, error) {
 		return 0, err
 	}
 	defer sk.Stop()
-	// SMTPPOOL_MAX_CLIENT_CONNS (default 1000) must let them all in.
+	// SMTPPOOL_MAX_CLIENT_CONNS (derived from memory by default) must let
+	// them all in, whatever the machine.
 	px, err := b.startProxy(g, sk.Addr, map[string]string{"SMTPPOOL_MAX_CLIENT_CONNS": strconv.Itoa(max(n, 1000))})
 	if err != nil {
 		return 0, err
