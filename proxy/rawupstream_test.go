@@ -30,6 +30,9 @@ type rawUpstream struct {
 	// connections), as written, CRLF added; "" drops the connection
 	// instead. A message is kept unless its verdict starts with 4 or 5.
 	verdict func(n int, msg string) string
+	// cut writes each verdict without its line end and then closes the
+	// connection, as a connection cut in the middle of the reply.
+	cut bool
 	// after, if set, runs on the connection once the n-th message's
 	// verdict is written.
 	after func(n int, conn net.Conn)
@@ -215,6 +218,10 @@ func (u *rawUpstream) finish(conn net.Conn, msg string, write func(string) error
 		u.mu.Unlock()
 	}
 	if verdict == "" {
+		return false
+	}
+	if u.cut {
+		write(verdict)
 		return false
 	}
 	if write(verdict+"\r\n") != nil {

@@ -126,6 +126,47 @@ func TestStrayReplyWhileACommandWaits(t *testing.T) {
 	}
 }
 
+// TestFinalReplyCutShortIsTheVerdict: the upstream's verdict on a
+// message, its last line cut short by the end of the connection after its
+// code, is its verdict (issue 16, item 3): a cut 250 is delivered once
+// (the code before took it for a lost reply and sent the message again:
+// two copies), a cut 554 is refused (before: resent, and the resend's
+// verdict taken instead). The session is not used again.
+func TestFinalReplyCutShortIsTheVerdict(t *testing.T) {
+	tests := []struct {
+		verdict  string
+		wantCode int
+		wantKept int
+	}{
+		{"250 2.0.0 Ok: queued as 4AB", 250, 1},
+		{"554 5.7.1 Refu", 554, 0},
+	}
+	for _, tt := range tests {
+		for _, chunking := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%d, chunking %v", tt.wantCode, chunking), func(t *testing.T) {
+				u := startRawUpstream(t, &rawUpstream{
+					chunking: chunking,
+					cut:      true,
+					verdict:  func(int, string) string { return tt.verdict },
+				})
+				e := newRawEnv(t, u, pool.Config{MaxConns: 1}, proxy.Config{})
+				c := e.dial(t)
+				err := send(c, "app@example.com", []string{"user@example.com"}, message("cut"))
+				if got := codeOf(err); got != tt.wantCode {
+					t.Errorf("client got %d (%v), want %d", got, err, tt.wantCode)
+				}
+				if n := len(u.Kept()); n != tt.wantKept {
+					t.Errorf("upstream kept the message %d times, want %d", n, tt.wantKept)
+				}
+				if n := u.Conns(); n != 1 {
+					t.Errorf("upstream accepted %d connections, want 1: no resend", n)
+				}
+				memsmtp.WaitFor(t, "the session to be closed", func() bool { return e.pool.Stat().TotalConns == 0 })
+			})
+		}
+	}
+}
+
 // TestLostAndMalformedFinalReplies: issue 16, item 3, on a raw socket. An
 // upstream that keeps every message and drops the connection before its
 // reply got 34 copies of one in two minutes: now it gets the message

@@ -502,7 +502,11 @@ func (c *Client) readReplyAs(expect int, timeout time.Duration, lenient bool) (i
 // When lenient, a line whose first three characters are a code from 200
 // to 599 but which is not a reply line ("250ok") ends the reply with that
 // code, and a line of a multi-line reply may carry another code of the
-// same class; both leave the connection out of step.
+// same class; both leave the connection out of step. So does a last line
+// that the end of the connection (or of the time) cut short after its
+// code ("250 2.0.0 Ok: qu"): the server had given its verdict. A line cut
+// before its code is complete, or one that announces more lines, is no
+// reply.
 func (c *Client) readResponse(lenient bool) (code int, msg string, err error) {
 	var b strings.Builder
 	for n := 0; ; n++ {
@@ -510,15 +514,22 @@ func (c *Client) readResponse(lenient bool) (code int, msg string, err error) {
 			return 0, "", ErrReplyTooLong
 		}
 		line, err := c.readLine()
-		if err != nil {
+		if err != nil && (!lenient || len(line) < 3) {
 			return 0, "", err
 		}
+		readErr := err
 		lineCode, more, text, ok := parseReplyLine(line)
 		if !ok && lenient {
 			if lineCode, ok = leadingCode(line); ok {
 				more, text = false, strings.TrimLeft(line[3:], " ")
 				c.malformed = fmt.Errorf("%w: a final reply line with a code, not in the form of a reply line", ErrMalformedReply)
 			}
+		}
+		if readErr != nil {
+			if !ok || more {
+				return 0, "", readErr
+			}
+			c.malformed = fmt.Errorf("%w: a final reply line cut short: %w", ErrMalformedReply, readErr)
 		}
 		switch {
 		case !ok:
@@ -543,7 +554,9 @@ func (c *Client) readResponse(lenient bool) (code int, msg string, err error) {
 // readLine reads one line, without its line end (CRLF or LF). A line
 // longer than maxReplyLine is cut to it, the rest discarded up to the line
 // end, and the connection marked out of step; one longer than maxLongLine
-// is ErrTooLongLine.
+// is ErrTooLongLine. When the read fails inside a line (the connection
+// ended, or the time ran out), it returns what arrived of the line (at
+// most maxReplyLine bytes) with the error.
 func (c *Client) readLine() (string, error) {
 	frag, err := c.br.ReadSlice('\n')
 	if err == nil {
@@ -564,7 +577,7 @@ func (c *Client) readLine() (string, error) {
 	case n > maxLongLine:
 		return "", ErrTooLongLine
 	case err != nil:
-		return "", err
+		return string(trimLineEnd(kept)), err
 	}
 	c.malformed = fmt.Errorf("%w: a line of %d bytes, over %d", ErrMalformedReply, n, maxReplyLine)
 	return string(trimLineEnd(kept)), nil

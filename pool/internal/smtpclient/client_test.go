@@ -715,6 +715,80 @@ func TestBDATStopsAtARefusedChunk(t *testing.T) {
 	c.Close()
 }
 
+// TestFinalReplyCutShort: the verdict on a whole message whose last line
+// the end of the connection cut short after its code ("250 2.0.0 Ok: qu",
+// then a FIN or a reset) is the server's verdict: the code arrived (the
+// code before ecec646 read it so, through textproto; after, it was taken
+// for a lost reply, and the message sent again). A line cut before its
+// code is complete, or one that announces more lines, is no reply.
+func TestFinalReplyCutShort(t *testing.T) {
+	tests := []struct {
+		name  string
+		bytes string // written after the message, then the connection ends
+		reset bool   // with a TCP reset rather than a FIN
+		code  int    // the verdict read; 0: none (a lost reply)
+	}{
+		{"250 cut, FIN", "250 2.0.0 Ok: qu", false, 250},
+		{"250 cut, reset", "250 2.0.0 Ok: qu", true, 250},
+		{"a bare 250, FIN", "250", false, 250},
+		{"the last line of a multi-line 250 cut", "250-2.0.0 Ok\r\n250 2.0", false, 250},
+		{"554 cut", "554 5.7.1 Mess", false, 554},
+		{"a code cut", "25", false, 0},
+		{"a line announcing more, cut", "250-2.0.0 O", false, 0},
+		{"nothing", "", false, 0},
+	}
+	for _, tt := range tests {
+		for _, chunking := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
+				c := scripted(t, func(p *peer) {
+					if chunking {
+						greet(p, "CHUNKING", "PIPELINING")
+						readChunk(p)
+					} else {
+						greet(p, "PIPELINING")
+						p.expect("DATA")
+						p.send("354 go ahead")
+						readDotMessage(p)
+					}
+					io.WriteString(p.conn, tt.bytes)
+					if tt.reset {
+						p.conn.(*net.TCPConn).SetLinger(0)
+					}
+					p.conn.Close()
+				})
+				mustHello(t, c)
+				msg := strings.NewReader("Subject: x\r\n\r\nbody\r\n")
+				var text string
+				var sent bool
+				var err error
+				if chunking {
+					text, sent, err = c.BDAT(msg, true)
+				} else {
+					if err := c.StartData(); err != nil {
+						t.Fatal(err)
+					}
+					text, sent, err = c.SendData(msg)
+				}
+				var smtpErr *smtp.SMTPError
+				switch {
+				case !sent:
+					t.Errorf("sent false (%v), want the whole message sent", err)
+				case tt.code == 0 && (err == nil || isReply(err)):
+					t.Errorf("%q, %v: want no verdict (a lost reply)", text, err)
+				case tt.code/100 == 2 && err != nil:
+					t.Errorf("%v, want the %d read as acceptance", err, tt.code)
+				case tt.code >= 400 && (!errors.As(err, &smtpErr) || smtpErr.Code != tt.code):
+					t.Errorf("%v, want the %d as a refusal", err, tt.code)
+				}
+				if !c.Unsolicited() {
+					t.Error("Unsolicited() is false after a reply cut short")
+				}
+				c.Close()
+			})
+		}
+	}
+}
+
 // TestChunkAnsweredAboutAnAddress: a reply about an address (2.1.5, a
 // RCPT's) to a chunk that is not the last shows the replies out of step
 // (issue 16, item 8): no further chunk goes out, the error is no reply,
