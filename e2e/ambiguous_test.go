@@ -39,6 +39,12 @@ func TestLostRepliesAgainstTheBinary(t *testing.T) {
 	}{
 		{"dropped before every reply", "", 451, 2},
 		{"a 250 of 2,100 bytes", "250 2.0.0 Ok: queued as " + strings.Repeat("Q", 2100), 250, 1},
+		// Neither acceptance nor refusal: a lost reply (before, the
+		// message was sent 34 times in the retry window).
+		{"a 354 to the whole message", "354 Go ahead", 451, 2},
+		// The code arrived: the verdict (before, a lost reply, and a
+		// second copy).
+		{"a 250 cut short after its code", cutVerdict + "250 2.0.0 Ok: qu", 250, 1},
 	}
 	for _, tt := range tests {
 		for _, chunking := range []bool{true, false} {
@@ -188,7 +194,7 @@ func (u *scriptedUpstream) serve(conn net.Conn) {
 					break
 				}
 			}
-			if !u.finish(say) {
+			if !u.finish(conn, say) {
 				return
 			}
 			continue
@@ -204,7 +210,7 @@ func (u *scriptedUpstream) serve(conn net.Conn) {
 			if len(fields) < 2 {
 				break // not the last chunk
 			}
-			if !u.finish(say) {
+			if !u.finish(conn, say) {
 				return
 			}
 			continue
@@ -215,11 +221,19 @@ func (u *scriptedUpstream) serve(conn net.Conn) {
 	}
 }
 
+// cutVerdict in front of a verdict has it written without its line end,
+// and the connection closed: a reply cut short.
+const cutVerdict = "cut:"
+
 // finish keeps the whole message and gives the verdict; false drops the
 // connection.
-func (u *scriptedUpstream) finish(say func(string) bool) bool {
+func (u *scriptedUpstream) finish(conn net.Conn, say func(string) bool) bool {
 	u.mu.Lock()
 	u.nKept++
 	u.mu.Unlock()
+	if cut, ok := strings.CutPrefix(u.verdict, cutVerdict); ok {
+		io.WriteString(conn, cut)
+		return false
+	}
 	return u.verdict != "" && say(u.verdict)
 }
