@@ -87,6 +87,45 @@ func TestLostRepliesAgainstTheBinary(t *testing.T) {
 	}
 }
 
+// TestLostReplyWithSmtpSink is the ambiguous case with real software:
+// smtp-sink -q . keeps (dumps) each message and disconnects without a
+// reply to its final dot. With the default settings the message is sent
+// once more, and no third time: smtp-sink has two copies, the client gets
+// 451 4.4.0, and the log says ambiguous.
+func TestLostReplyWithSmtpSink(t *testing.T) {
+	sink := startSink(t, true, "-q", ".")
+	proxy := startProxy(t, sink.Addr, map[string]string{"SMTPPOOL_UPSTREAM_TLS": "none"})
+	msg := peers.NewMessages("lost-reply-sink", 1)[0]
+	c, err := peers.Open(proxy.Addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Quit()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	if err := c.Begin(msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteData(msg.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	code, text, err := c.Cmd("")
+	t.Logf("client: %d %s (after %v)", code, text, time.Since(start).Round(time.Millisecond))
+	if err != nil || code != 451 || !strings.HasPrefix(text, "4.4.0 ") {
+		t.Fatalf("end of data: %d %s (err %v), want 451 4.4.0", code, text, err)
+	}
+	if !strings.Contains(proxy.Log(), "ambiguous=true") {
+		t.Errorf("smtppool's log does not say ambiguous")
+	}
+	box, err := sink.Dumped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(box[msg.ID]); n != 2 {
+		t.Errorf("smtp-sink kept %d copies, want 2 (%v)", n, sink.Counters())
+	}
+}
+
 // scriptedUpstream is an SMTP server on a raw socket that gives every
 // message the same verdict: a reply line as written, or "" to keep the
 // message and drop the connection instead.
