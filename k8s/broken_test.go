@@ -7,19 +7,38 @@ import (
 	"testing"
 )
 
+// breakage breaks a copy of a variant's manifests in one way: the first
+// old in file becomes new. want is what the rejection (or the checks'
+// report) must say.
+type breakage struct {
+	name     string
+	variant  string
+	file     string
+	old, new string
+	want     string
+}
+
+// build renders the broken copy of its variant, and validates it by
+// Kubernetes' own rules when it renders.
+func (b breakage) build(t *testing.T) (variant, *manifestSet, error) {
+	t.Helper()
+	v := findVariant(t, b.variant)
+	tr := newTree(t)
+	tr.edit(t, b.file, b.old, b.new)
+	set, err := v.build(tr)
+	if err == nil {
+		err = validateSet(set)
+	}
+	return v, set, err
+}
+
 // TestBrokenCopiesAreRejected proves that the checks of TestVariants can
 // fail: each case breaks a copy of the manifests in one way that strict
 // decoding lets through, and Kubernetes' own rules (the API server's
 // validation, or Pod Security restricted) must reject it, with the reason
 // given.
 func TestBrokenCopiesAreRejected(t *testing.T) {
-	for _, c := range []struct {
-		name     string
-		variant  string
-		file     string
-		old, new string
-		want     string // in the error
-	}{
+	for _, c := range []breakage{
 		{
 			name: "port name over 15 characters", variant: "example", file: "deployment.yaml",
 			old: "            - name: admin\n", new: "            - name: admin-endpoint-9025\n",
@@ -122,13 +141,7 @@ func TestBrokenCopiesAreRejected(t *testing.T) {
 		},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			v := findVariant(t, c.variant)
-			tr := newTree(t)
-			tr.edit(t, c.file, c.old, c.new)
-			set, err := v.build(tr)
-			if err == nil {
-				err = validateSet(set)
-			}
+			_, _, err := c.build(t)
 			switch {
 			case err == nil:
 				t.Fatalf("%s accepted", c.name)
@@ -180,13 +193,7 @@ func runChecks(v variant, set *manifestSet) (f failures) {
 // Kubernetes' rules do not cover, are checked: each case breaks a copy in
 // a way Kubernetes accepts, and checkVariant must report it.
 func TestBrokenPromisesAreCaught(t *testing.T) {
-	for _, c := range []struct {
-		name     string
-		variant  string
-		file     string
-		old, new string
-		want     string
-	}{
+	for _, c := range []breakage{
 		{
 			name: "legacy sidecar with restartPolicy Always", variant: "legacy", file: "legacy/deployment.yaml",
 			old: "          imagePullPolicy: IfNotPresent\n", new: "          imagePullPolicy: IfNotPresent\n          restartPolicy: Always\n",
@@ -274,13 +281,7 @@ func TestBrokenPromisesAreCaught(t *testing.T) {
 		},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			v := findVariant(t, c.variant)
-			tr := newTree(t)
-			tr.edit(t, c.file, c.old, c.new)
-			set, err := v.build(tr)
-			if err == nil {
-				err = validateSet(set)
-			}
+			v, set, err := c.build(t)
 			if err != nil {
 				t.Fatalf("Kubernetes' rules reject this already; pick a case they accept:\n%v", err)
 			}
