@@ -245,6 +245,57 @@ func TestOverLongReplyLine(t *testing.T) {
 	})
 }
 
+// greetAndReadMessage greets with PIPELINING (and CHUNKING when chunking),
+// and reads a whole message: one BDAT LAST chunk, or DATA and the message
+// up to its final dot. The reply is the script's to send.
+func greetAndReadMessage(p *peer, chunking bool) {
+	if chunking {
+		greet(p, "CHUNKING", "PIPELINING")
+		readChunk(p)
+		return
+	}
+	greet(p, "PIPELINING")
+	p.expect("DATA")
+	p.send("354 go ahead")
+	readDotMessage(p)
+}
+
+// sendWholeMessage sends a small message, in one BDAT LAST chunk when
+// chunking, else with DATA, and returns the final reply's text, whether
+// the whole message went out, and the error.
+func sendWholeMessage(t *testing.T, c *Client, chunking bool) (text string, sent bool, err error) {
+	t.Helper()
+	msg := strings.NewReader("Subject: x\r\n\r\nbody\r\n")
+	if chunking {
+		return c.BDAT(msg, true)
+	}
+	if err := c.StartData(); err != nil {
+		t.Fatal(err)
+	}
+	return c.SendData(msg)
+}
+
+// checkVerdict checks what sendWholeMessage returned against the verdict
+// code due: the whole message sent, and a 2xx read as acceptance (each
+// line of its text cut to maxReplyLine), a 4xx or 5xx as a refusal with
+// that code, or, for 0, no verdict (a lost reply).
+func checkVerdict(t *testing.T, code int, text string, sent bool, err error) {
+	t.Helper()
+	var smtpErr *smtp.SMTPError
+	switch {
+	case !sent:
+		t.Errorf("sent false (%v), want the whole message sent", err)
+	case code == 0 && (err == nil || isReply(err)):
+		t.Errorf("%q, %v: want no verdict (a lost reply)", text, err)
+	case code/100 == 2 && err != nil:
+		t.Errorf("%v, want the %d read as acceptance", err, code)
+	case code/100 == 2 && slices.ContainsFunc(strings.Split(text, "\n"), func(l string) bool { return len(l) > maxReplyLine }):
+		t.Errorf("reply text %.40q..., want each line cut to %d bytes", text, maxReplyLine)
+	case code >= 400 && (!errors.As(err, &smtpErr) || smtpErr.Code != code):
+		t.Errorf("%v, want the %d as a refusal", err, code)
+	}
+}
+
 // TestFinalReplyThatBreaksTheProtocolIsAReply: the server's verdict on a
 // whole message that arrived but is not well formed is still its verdict
 // when its code can be read (issue 16, item 3: a "250" with 2,100 bytes
@@ -278,44 +329,13 @@ func TestFinalReplyThatBreaksTheProtocolIsAReply(t *testing.T) {
 		for _, chunking := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
 				c := scripted(t, func(p *peer) {
-					if chunking {
-						greet(p, "CHUNKING", "PIPELINING")
-						readChunk(p)
-					} else {
-						greet(p, "PIPELINING")
-						p.expect("DATA")
-						p.send("354 go ahead")
-						readDotMessage(p)
-					}
+					greetAndReadMessage(p, chunking)
 					p.send(tt.lines...)
 					p.drain()
 				})
 				mustHello(t, c)
-				msg := strings.NewReader("Subject: x\r\n\r\nbody\r\n")
-				var text string
-				var sent bool
-				var err error
-				if chunking {
-					text, sent, err = c.BDAT(msg, true)
-				} else {
-					if err := c.StartData(); err != nil {
-						t.Fatal(err)
-					}
-					text, sent, err = c.SendData(msg)
-				}
-				var smtpErr *smtp.SMTPError
-				switch {
-				case !sent:
-					t.Errorf("sent false (%v), want the whole message sent", err)
-				case tt.code == 0 && (err == nil || isReply(err)):
-					t.Errorf("%q, %v: want no verdict (a lost reply)", text, err)
-				case tt.code/100 == 2 && err != nil:
-					t.Errorf("%v, want the 2xx read as acceptance", err)
-				case tt.code/100 == 2 && slices.ContainsFunc(strings.Split(text, "\n"), func(l string) bool { return len(l) > maxReplyLine }):
-					t.Errorf("reply text %.40q..., want each line cut to %d bytes", text, maxReplyLine)
-				case tt.code >= 400 && (!errors.As(err, &smtpErr) || smtpErr.Code != tt.code):
-					t.Errorf("%v, want the %d as a refusal", err, tt.code)
-				}
+				text, sent, err := sendWholeMessage(t, c, chunking)
+				checkVerdict(t, tt.code, text, sent, err)
 				if !c.Unsolicited() {
 					t.Error("Unsolicited() is false after a reply that broke the protocol")
 				}
@@ -741,15 +761,7 @@ func TestFinalReplyCutShort(t *testing.T) {
 		for _, chunking := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
 				c := scripted(t, func(p *peer) {
-					if chunking {
-						greet(p, "CHUNKING", "PIPELINING")
-						readChunk(p)
-					} else {
-						greet(p, "PIPELINING")
-						p.expect("DATA")
-						p.send("354 go ahead")
-						readDotMessage(p)
-					}
+					greetAndReadMessage(p, chunking)
 					io.WriteString(p.conn, tt.bytes)
 					if tt.reset {
 						p.conn.(*net.TCPConn).SetLinger(0)
@@ -757,29 +769,8 @@ func TestFinalReplyCutShort(t *testing.T) {
 					p.conn.Close()
 				})
 				mustHello(t, c)
-				msg := strings.NewReader("Subject: x\r\n\r\nbody\r\n")
-				var text string
-				var sent bool
-				var err error
-				if chunking {
-					text, sent, err = c.BDAT(msg, true)
-				} else {
-					if err := c.StartData(); err != nil {
-						t.Fatal(err)
-					}
-					text, sent, err = c.SendData(msg)
-				}
-				var smtpErr *smtp.SMTPError
-				switch {
-				case !sent:
-					t.Errorf("sent false (%v), want the whole message sent", err)
-				case tt.code == 0 && (err == nil || isReply(err)):
-					t.Errorf("%q, %v: want no verdict (a lost reply)", text, err)
-				case tt.code/100 == 2 && err != nil:
-					t.Errorf("%v, want the %d read as acceptance", err, tt.code)
-				case tt.code >= 400 && (!errors.As(err, &smtpErr) || smtpErr.Code != tt.code):
-					t.Errorf("%v, want the %d as a refusal", err, tt.code)
-				}
+				text, sent, err := sendWholeMessage(t, c, chunking)
+				checkVerdict(t, tt.code, text, sent, err)
 				if !c.Unsolicited() {
 					t.Error("Unsolicited() is false after a reply cut short")
 				}
@@ -929,27 +920,30 @@ func TestRepliesAreBounded(t *testing.T) {
 	}
 }
 
+// nextCommands are the ways a command goes out after a reply: each must
+// first check that no reply is waiting.
+var nextCommands = map[string]func(c *Client) error{
+	"pipeline": func(c *Client) error {
+		_, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
+		return err
+	},
+	"BDAT": func(c *Client) error {
+		_, _, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), true)
+		return err
+	},
+	"message after DATA": func(c *Client) error {
+		_, _, err := c.SendData(strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+		return err
+	},
+}
+
 // TestExtraReplyIsNeverTakenForTheNext: a server that answers one command
 // twice must not have its extra reply taken as the reply to the next: the
 // replies after it would each go to the command before, and a refused
 // message would read as accepted. The next command fails before anything
 // is written, whichever way it goes.
 func TestExtraReplyIsNeverTakenForTheNext(t *testing.T) {
-	next := map[string]func(c *Client) error{
-		"pipeline": func(c *Client) error {
-			_, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
-			return err
-		},
-		"BDAT": func(c *Client) error {
-			_, _, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), true)
-			return err
-		},
-		"message after DATA": func(c *Client) error {
-			_, _, err := c.SendData(strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
-			return err
-		},
-	}
-	for name, send := range next {
+	for name, send := range nextCommands {
 		t.Run(name, func(t *testing.T) {
 			var after []byte
 			c, done := scriptedDone(t, func(p *peer) {
@@ -1131,23 +1125,6 @@ func TestPipelineFlightsAreBounded(t *testing.T) {
 	if early != 0 {
 		t.Errorf("the client wrote %d bytes past the first %d commands before their replies", early, maxFlight)
 	}
-}
-
-// nextCommands are the ways a command goes out after a reply: each must
-// first check that no reply is waiting.
-var nextCommands = map[string]func(c *Client) error{
-	"pipeline": func(c *Client) error {
-		_, err := c.Pipeline([]Command{{"MAIL FROM:<a@x>", 250}, {"RCPT TO:<b@x>", 25}})
-		return err
-	},
-	"BDAT": func(c *Client) error {
-		_, _, err := c.BDAT(strings.NewReader("Subject: x\r\n\r\nbody\r\n"), true)
-		return err
-	},
-	"message after DATA": func(c *Client) error {
-		_, _, err := c.SendData(strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
-		return err
-	},
 }
 
 // TestExtraReplyInALaterPacket: an extra reply that arrives in a packet of
