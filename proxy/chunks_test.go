@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"bufio"
-	"context"
 	"crypto/tls"
 	"net/textproto"
 	"strconv"
@@ -208,15 +207,7 @@ func TestPipelinedSessionOverTLSIsServedWhileWaiting(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			srv := proxy.NewServer(ctx, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}})
-			ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			go srv.Serve(ln)
-			defer srv.Close()
+			_, ln := serveListening(t, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}}, "127.0.0.1:0", proxy.ListenConfig{})
 
 			var holder *smtp.Client
 			if tt.slowRcpt {

@@ -3,7 +3,6 @@
 package proxy_test
 
 import (
-	"context"
 	"crypto/tls"
 	"net"
 	"runtime"
@@ -103,15 +102,7 @@ func TestClosingTheServerEndsTheWaits(t *testing.T) {
 func TestClosingConnectionsEndsTheWaits(t *testing.T) {
 	e := newEnv(t, options{pool: pool.Config{MaxConns: 1}})
 	holdSession(t, e)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	srv := proxy.NewServer(ctx, e.pool, proxy.Config{AcquireTimeout: time.Minute})
-	ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
+	_, ln := serveListening(t, e.pool, proxy.Config{AcquireTimeout: time.Minute}, "127.0.0.1:0", proxy.ListenConfig{})
 	waitingClients(t, e, ln.Addr().String(), 20)
 	ln.CloseConnections()
 	memsmtp.WaitFor(t, "the waits to end once their connections were closed", func() bool { return e.pool.Stat().PendingAcquires == 0 })
@@ -131,15 +122,7 @@ func TestTLSClientThatLeavesWhileWaiting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	srv := proxy.NewServer(ctx, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}})
-	ln, err := proxy.Listen(ctx, "127.0.0.1:0", proxy.ListenConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
+	_, ln := serveListening(t, e.pool, proxy.Config{Access: proxy.AccessConfig{TLSConfig: serverTLS}}, "127.0.0.1:0", proxy.ListenConfig{})
 	holder := holdSession(t, e)
 	clientTLS := &tls.Config{RootCAs: roots, ServerName: "localhost"}
 	var clients []*tlsClient

@@ -55,6 +55,7 @@ func newEnv(t testing.TB, o options) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(p.Close) // after the proxies' and the sessions' holders' cleanups, registered later
 
 	if o.proxy.RetryBackoff == 0 {
 		o.proxy.RetryBackoff = time.Millisecond
@@ -68,18 +69,25 @@ func newEnv(t testing.TB, o options) *testEnv {
 	if o.listen.MaxClientConns == 0 {
 		o.listen.MaxClientConns = 2000 // room for the 1,070 clients of the idle-clients fault test
 	}
-	srv, addr := serveListening(t, p, o.proxy, o.listenAddr, o.listen)
-	return &testEnv{up: up, pool: p, srv: srv, addr: addr}
+	srv, ln := serveListening(t, p, o.proxy, o.listenAddr, o.listen)
+	return &testEnv{up: up, pool: p, srv: srv, addr: ln.Addr().String()}
 }
 
 // serve runs a proxy in front of p on 127.0.0.1:0 until the test ends.
 func serve(t testing.TB, p *pool.Pool, cfg proxy.Config) (*smtp.Server, string) {
 	t.Helper()
-	return serveListening(t, p, cfg, "127.0.0.1:0", proxy.ListenConfig{MaxClientConns: 2000})
+	t.Cleanup(p.Close)
+	srv, ln := serveListening(t, p, cfg, "127.0.0.1:0", proxy.ListenConfig{MaxClientConns: 2000})
+	return srv, ln.Addr().String()
 }
 
-// serveListening is serve on addr, with the listener's settings.
-func serveListening(t testing.TB, p *pool.Pool, cfg proxy.Config, addr string, lc proxy.ListenConfig) (*smtp.Server, string) {
+// serveListening runs a proxy in front of p on addr, with the listener's
+// settings, until the test ends. A test that runs a second proxy over an
+// env's pool uses it, so that the listener's counts see only the clients
+// dialled to it. It does not close p: puddle's Close waits for every
+// session lent, and a test's holders of sessions give them back in
+// cleanups that run after this one.
+func serveListening(t testing.TB, p *pool.Pool, cfg proxy.Config, addr string, lc proxy.ListenConfig) (*smtp.Server, *proxy.Listener) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := proxy.NewServer(ctx, p, cfg)
@@ -91,9 +99,8 @@ func serveListening(t testing.TB, p *pool.Pool, cfg proxy.Config, addr string, l
 	t.Cleanup(func() {
 		srv.Close()
 		cancel()
-		p.Close()
 	})
-	return srv, ln.Addr().String()
+	return srv, ln
 }
 
 // finish completes the transaction open on c with a recipient and msg.

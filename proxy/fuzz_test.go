@@ -22,6 +22,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/internal/rawsmtp"
 	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
@@ -610,7 +611,7 @@ func attribute(stream []byte, replies []fuzzReply) (a attribution) {
 		line, complete := readLine()
 		cmd, arg, parseErr := parseCmd(line)
 		var chunk []byte // BDAT's
-		size, last, bdatOK := parseBDAT(arg)
+		size, last, bdatOK := rawsmtp.ParseBDAT(arg)
 		bdatOK = bdatOK && cmd == "BDAT" && parseErr == nil
 		if bdatOK {
 			chunk = stream[pos:min(len(stream), pos+size)]
@@ -717,20 +718,6 @@ func parseCmd(line string) (cmd string, arg string, err error) {
 		return "", "", errors.New("mangled command")
 	}
 	return strings.ToUpper(line[0:4]), strings.TrimSpace(line[5:]), nil
-}
-
-// parseBDAT parses BDAT's arguments as go-smtp does; ok is false for those
-// it refuses with 501 before reading a chunk.
-func parseBDAT(arg string) (size int, last, ok bool) {
-	args := strings.Fields(arg)
-	if len(args) == 0 || len(args) > 2 || (len(args) == 2 && !strings.EqualFold(args[1], "LAST")) {
-		return 0, false, false
-	}
-	n, err := strconv.ParseUint(args[0], 10, 32)
-	if err != nil {
-		return 0, false, false
-	}
-	return int(n), len(args) == 2, true
 }
 
 // readDataBody reads a DATA message from b as go-smtp's dataReader does:

@@ -13,6 +13,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/smtppool/smtppool/internal/memsmtp"
+	"github.com/smtppool/smtppool/internal/rawsmtp"
 	"github.com/smtppool/smtppool/pool"
 	"github.com/smtppool/smtppool/proxy"
 )
@@ -30,16 +31,16 @@ func TestStrayReplyInALaterPacket(t *testing.T) {
 	for _, chunking := range []bool{true, false} {
 		t.Run(map[bool]string{true: "BDAT", false: "DATA"}[chunking], func(t *testing.T) {
 			sendStray, strayWritten := make(chan struct{}), make(chan struct{})
-			u := startRawUpstream(t, &rawUpstream{
-				chunking:  chunking,
-				rcptDelay: 50 * time.Millisecond,
-				verdict: func(_ int, msg string) string {
+			u := startRawUpstream(t, rawsmtp.Options{
+				Chunking:  chunking,
+				RcptDelay: 50 * time.Millisecond,
+				Verdict: func(_ int, msg string) string {
 					if strings.Contains(msg, "refuse me") {
 						return "554 5.7.1 Message refused"
 					}
 					return "250 2.0.0 Ok: queued"
 				},
-				after: func(n int, conn net.Conn) {
+				After: func(n int, conn net.Conn) {
 					if n != 1 {
 						return
 					}
@@ -93,10 +94,10 @@ func TestStrayReplyInALaterPacket(t *testing.T) {
 func TestStrayReplyWhileACommandWaits(t *testing.T) {
 	for _, chunking := range []bool{true, false} {
 		t.Run(map[bool]string{true: "BDAT", false: "DATA"}[chunking], func(t *testing.T) {
-			u := startRawUpstream(t, &rawUpstream{
-				chunking: chunking,
-				verdict:  func(int, string) string { return "554 5.7.1 Message refused" },
-				onCommand: func(conn int, verb string, r *bufio.Reader, write func(string) error) {
+			u := startRawUpstream(t, rawsmtp.Options{
+				Chunking: chunking,
+				Verdict:  func(int, string) string { return "554 5.7.1 Message refused" },
+				OnCommand: func(conn int, verb string, r *bufio.Reader, write func(string) error) {
 					if conn != 1 {
 						return
 					}
@@ -144,10 +145,10 @@ func TestFinalReplyCutShortIsTheVerdict(t *testing.T) {
 	for _, tt := range tests {
 		for _, chunking := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%d, chunking %v", tt.wantCode, chunking), func(t *testing.T) {
-				u := startRawUpstream(t, &rawUpstream{
-					chunking: chunking,
-					cut:      true,
-					verdict:  func(int, string) string { return tt.verdict },
+				u := startRawUpstream(t, rawsmtp.Options{
+					Chunking: chunking,
+					Cut:      true,
+					Verdict:  func(int, string) string { return tt.verdict },
 				})
 				e := newRawEnv(t, u, pool.Config{MaxConns: 1}, proxy.Config{})
 				c := e.dial(t)
@@ -198,9 +199,9 @@ func TestLostAndMalformedFinalReplies(t *testing.T) {
 	for _, tt := range tests {
 		for _, chunking := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%s, chunking %v", tt.name, chunking), func(t *testing.T) {
-				u := startRawUpstream(t, &rawUpstream{
-					chunking: chunking,
-					verdict:  func(int, string) string { return tt.verdict },
+				u := startRawUpstream(t, rawsmtp.Options{
+					Chunking: chunking,
+					Verdict:  func(int, string) string { return tt.verdict },
 				})
 				e := newRawEnv(t, u, pool.Config{MaxConns: 2}, proxy.Config{})
 				c := e.dial(t)
