@@ -150,8 +150,9 @@ func systemCapacity(cfg config, logger *slog.Logger) (capacity, error) {
 // The buffer budget is SMTPPOOL_MAX_BUFFER_BYTES if set. Unset, with a
 // memory limit, it is what is left after the base (half of it, or, with an
 // explicit SMTPPOOL_MAX_CLIENT_CONNS, what those clients leave), in whole
-// messages of SMTPPOOL_MAX_MESSAGE_BYTES, at least one and at most
-// defaultBufferBudget; without a memory limit, defaultBufferBudget.
+// messages of SMTPPOOL_MAX_MESSAGE_BYTES, at least one and at most the
+// proxy's default (proxy.DefaultMaxBufferBytes); without a memory limit,
+// that default.
 //
 // The cap is as many clients as fit after the budget and the base, or
 // unlimitedClientConns without a memory limit; either way no more than the
@@ -237,7 +238,7 @@ func (c *capacity) planBuffers(cfg config) (share int64) {
 		c.bufferBytes, c.bufferFrom = max(cfg.MaxBufferBytes, msg), "SMTPPOOL_MAX_BUFFER_BYTES"
 		return 0
 	}
-	def := cfg.defaultBufferBudget()
+	def := proxy.DefaultMaxBufferBytes(cfg.MaxMessageBytes, cfg.MaxConns)
 	if c.usable.bytes == 0 {
 		c.bufferBytes, c.bufferFrom = def, "2 × SMTPPOOL_MAX_CONNS × SMTPPOOL_MAX_MESSAGE_BYTES"
 		return 0
@@ -289,12 +290,6 @@ func sharePercent(part, whole int64) string {
 // warn adds a warning for the start-up log.
 func (c *capacity) warn(format string, args ...any) {
 	c.warnings = append(c.warnings, fmt.Sprintf(format, args...))
-}
-
-// defaultBufferBudget is the buffer budget without a memory limit: two
-// messages for each upstream session.
-func (c config) defaultBufferBudget() int64 {
-	return 2 * int64(c.MaxConns) * c.MaxMessageBytes
 }
 
 // LogValue describes the capacity for the start-up log.

@@ -37,8 +37,7 @@ type Config struct {
 	// MaxBufferBytes bounds the memory of messages buffered at once, in
 	// bytes; each transaction takes MaxMessageBytes of it from MAIL, before
 	// it borrows an upstream session, until its message is relayed (retries
-	// included) or it ends; default 2 × MaxMessageBytes × the pool's
-	// MaxConns.
+	// included) or it ends; default DefaultMaxBufferBytes.
 	MaxBufferBytes int64
 
 	// MaxRecipients is the most recipients per message; more get 452 4.5.3;
@@ -127,7 +126,7 @@ func (noObserver) TransactionEnded(string, string, time.Duration, int) {}
 
 // DefaultConfig returns the defaults that NewServer applies to the fields of
 // a Config left at their zero value. MaxBufferBytes is left at zero: its
-// default depends on the pool.
+// default depends on the pool (see DefaultMaxBufferBytes).
 func DefaultConfig() Config {
 	return Config{
 		Hostname:           "localhost",
@@ -142,13 +141,20 @@ func DefaultConfig() Config {
 	}
 }
 
+// DefaultMaxBufferBytes is the default of Config.MaxBufferBytes, in bytes,
+// for messages of up to maxMessageBytes relayed through a pool of maxConns
+// sessions: two messages for each session.
+func DefaultMaxBufferBytes(maxMessageBytes int64, maxConns int32) int64 {
+	return 2 * maxMessageBytes * int64(maxConns)
+}
+
 // withDefaults returns a copy of c with every unset field at its default;
 // maxConns is the pool's cap, for MaxBufferBytes.
 func (c Config) withDefaults(maxConns int32) Config {
 	d := DefaultConfig()
 	setDefault(&c.Hostname, d.Hostname)
 	setDefault(&c.MaxMessageBytes, d.MaxMessageBytes)
-	setDefault(&c.MaxBufferBytes, 2*c.MaxMessageBytes*int64(maxConns))
+	setDefault(&c.MaxBufferBytes, DefaultMaxBufferBytes(c.MaxMessageBytes, maxConns))
 	setDefault(&c.MaxRecipients, d.MaxRecipients)
 	setDefault(&c.AcquireTimeout, d.AcquireTimeout)
 	setDefault(&c.RetryTimeout, d.RetryTimeout)
