@@ -306,9 +306,12 @@ func (p *Pool) retireReason(res *puddle.Resource[*session]) closeReason {
 	switch {
 	case s.broken:
 		return closeBroken
-	case s.client.Unsolicited():
-		// A reply nobody asked for: the next command would take it
-		// for its own.
+	case s.client.OutOfStep():
+		// A reply nobody asked for, or one that broke the protocol: the
+		// next command would take the next reply for its own. (What
+		// arrived since, or a close, the look into the socket before the
+		// next write finds: the one look a session taken, used and
+		// returned costs.)
 		s.broken = true
 		return closeBroken
 	case time.Since(res.CreationTime()) >= p.cfg.MaxConnLifetime:
@@ -414,8 +417,11 @@ func (p *Pool) checkIdleAt(t time.Time) {
 	p.idleTimer.Reset(time.Until(t))
 }
 
-// checkIdle closes idle sessions that have expired, and those that have
-// idled MaxConnIdleTime but for the MinIdleConns used last, and arranges
+// checkIdle closes idle sessions that have expired, those that are out
+// of step or that the upstream closed (it looks into their sockets: off
+// the hot path, so that a transaction seldom meets such a session), and
+// those that have idled MaxConnIdleTime but for the MinIdleConns used
+// last, and arranges
 // to check again when the next one will have idled that long. An idle
 // session holds one of the upstream's connections, which other clients of
 // a shared upstream (other replicas) may need: it is kept for the next
@@ -427,6 +433,10 @@ func (p *Pool) checkIdle() {
 	next := time.Duration(-1)
 	for _, res := range idle {
 		reason := p.retireReason(res)
+		if s := res.Value(); reason == closeNone && s.client.Unsolicited() {
+			s.broken = true
+			reason = closeBroken
+		}
 		idleFor := res.IdleDuration()
 		if reason == closeNone && kept >= p.cfg.MinIdleConns && idleFor >= p.cfg.MaxConnIdleTime {
 			reason = closeIdle

@@ -647,16 +647,14 @@ func truncate(line string) string {
 // next command, and every reply after it as the reply to the command
 // before, up to a refused message read as accepted. It sees the bytes
 // already read into the buffer, where an extra reply that came with an
-// awaited one is, and peeks into the socket without waiting, where one
-// that came in a later packet is: a system call, no round trip. It also
-// fails when the server has closed the connection, before anything is
-// written into it.
+// awaited one is (see outOfStep), and peeks into the socket without
+// waiting, where one that came in a later packet is: a system call, no
+// round trip. It also fails when the server has closed the connection,
+// before anything is written into it. Every write of commands or of a
+// message is preceded by it.
 func (c *Client) checkInSync() error {
-	if c.malformed != nil {
-		return fmt.Errorf("an earlier reply broke the protocol: %w", c.malformed)
-	}
-	if c.br.Buffered() > 0 {
-		return ErrUnsolicitedReply
+	if err := c.outOfStep(); err != nil {
+		return err
 	}
 	switch c.peek.state(c.raw) {
 	case socketClosed:
@@ -697,9 +695,31 @@ func (c *Client) checkTLSRecords() error {
 	return fmt.Errorf("%w: %w", ErrServerClosed, err)
 }
 
-// Unsolicited reports whether the connection is out of step: the server
-// has sent bytes that no command asked for, or closed it, or sent a reply
-// that broke the protocol. Such a connection must not be used again.
+// outOfStep is what checkInSync knows without a system call: an earlier
+// reply broke the protocol, or bytes that no command asked for have been
+// read into the buffer.
+func (c *Client) outOfStep() error {
+	if c.malformed != nil {
+		return fmt.Errorf("an earlier reply broke the protocol: %w", c.malformed)
+	}
+	if c.br.Buffered() > 0 {
+		return ErrUnsolicitedReply
+	}
+	return nil
+}
+
+// OutOfStep reports whether the client has already seen that the
+// connection is out of step (a reply that broke the protocol, bytes that
+// no command asked for read with an awaited reply), without looking into
+// the socket: no system call. Such a connection must not be used again.
+// Whatever it does not see, the check before the next write does.
+func (c *Client) OutOfStep() bool { return c.outOfStep() != nil }
+
+// Unsolicited reports whether the connection is out of step, as OutOfStep
+// does, and also looks into the socket (a system call; over TLS, with
+// bytes waiting, a read of up to tlsRecordWait): the server has sent bytes
+// that no command asked for, or closed the connection. Such a connection
+// must not be used again.
 func (c *Client) Unsolicited() bool { return c.checkInSync() != nil }
 
 // socketState is what a socketPeeker finds in a socket.

@@ -13,9 +13,8 @@ import (
 // round trip. Its state lives in the Client, so that a look allocates
 // nothing.
 type socketPeeker struct {
-	rc  syscall.RawConn // nil until the first look; unusable when ok is false
-	ok  bool
-	fn  func(fd uintptr) bool
+	rc  syscall.RawConn // the connection's, from the first look; nil before, or if it has none
+	fn  func(fd uintptr)
 	buf [1]byte
 	n   int
 	err error
@@ -26,12 +25,9 @@ func (p *socketPeeker) state(conn net.Conn) socketState {
 	if p.rc == nil && !p.init(conn) {
 		return socketUnknown
 	}
-	if !p.ok {
-		return socketUnknown
-	}
-	// A read deadline in the past would fail the call before the look.
-	conn.SetReadDeadline(noDeadline)
-	if err := p.rc.Read(p.fn); err != nil {
+	// Control, not Read: the look never waits, so it needs neither the
+	// network poller nor the read deadline (which may have passed).
+	if err := p.rc.Control(p.fn); err != nil {
 		return socketUnknown
 	}
 	switch {
@@ -54,10 +50,9 @@ func (p *socketPeeker) init(conn net.Conn) bool {
 	if err != nil {
 		return false
 	}
-	p.rc, p.ok = rc, true
-	p.fn = func(fd uintptr) bool {
+	p.rc = rc
+	p.fn = func(fd uintptr) {
 		p.n, _, p.err = syscall.Recvfrom(int(fd), p.buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		return true // never wait
 	}
 	return true
 }
