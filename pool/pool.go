@@ -533,8 +533,12 @@ func (p *Pool) grow() {
 }
 
 // overCap reports whether more sessions are open than the effective cap
-// allows, as after the cap was lowered.
-func (p *Pool) overCap() bool { return p.established() > p.gate.current() }
+// allows, as after the cap was lowered. (Never more than MaxConns are
+// open: at MaxConns, the cap needs no count, which allocates.)
+func (p *Pool) overCap() bool {
+	limit := p.gate.current()
+	return limit < p.cfg.MaxConns && p.established() > limit
+}
 
 // connected returns the sessions whose connections the upstream counts
 // when it refuses one already set up, over its concurrency limit (432
