@@ -79,13 +79,13 @@ func (c *Conn) Pipelining() bool {
 
 // Mail starts a transaction with MAIL FROM.
 func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) error {
-	if err := checkArgument("MAIL", from); err != nil {
+	if err := checkArgument(stageMail, from); err != nil {
 		return err
 	}
 	s := c.res.Value()
 	line, err := s.client.MailLine(from, opts)
 	if err != nil {
-		return s.fail(ctx, "MAIL", err)
+		return s.fail(ctx, stageMail, err)
 	}
 	s.dirty = true
 	defer s.bind(ctx)()
@@ -94,22 +94,22 @@ func (c *Conn) Mail(ctx context.Context, from string, opts *smtp.MailOptions) er
 	if errors.As(err, &smtpErr) {
 		s.dirty = false // a refused MAIL starts no transaction: no RSET needed
 	}
-	return c.done(ctx, "MAIL", err, 250, from)
+	return c.done(ctx, stageMail, err, 250, from)
 }
 
 // Rcpt adds a recipient with RCPT TO.
 func (c *Conn) Rcpt(ctx context.Context, to string, opts *smtp.RcptOptions) error {
-	if err := checkArgument("RCPT", to); err != nil {
+	if err := checkArgument(stageRcpt, to); err != nil {
 		return err
 	}
 	s := c.res.Value()
 	line, err := s.client.RcptLine(to, opts)
 	if err != nil {
-		return s.fail(ctx, "RCPT", err)
+		return s.fail(ctx, stageRcpt, err)
 	}
 	defer s.bind(ctx)()
 	code, _, err := s.client.Cmd(25, line)
-	return c.done(ctx, "RCPT", err, code, to)
+	return c.done(ctx, stageRcpt, err, code, to)
 }
 
 // Recipient is one RCPT TO of an envelope.
@@ -128,23 +128,23 @@ type Recipient struct {
 // recipient's refusal, or nil where it was accepted. Refusals are errors
 // as Rcpt returns them.
 func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions, rcpts []Recipient) (rcptErrs []error, err error) {
-	if err := checkArgument("MAIL", from); err != nil {
+	if err := checkArgument(stageMail, from); err != nil {
 		return nil, err
 	}
 	s := c.res.Value()
 	cmds := make([]smtpclient.Command, 0, 1+len(rcpts))
 	line, err := s.client.MailLine(from, opts)
 	if err != nil {
-		return nil, s.fail(ctx, "MAIL", err)
+		return nil, s.fail(ctx, stageMail, err)
 	}
 	cmds = append(cmds, smtpclient.Command{Line: line, Expect: 250})
 	for _, r := range rcpts {
-		if err := checkArgument("RCPT", r.Addr); err != nil {
+		if err := checkArgument(stageRcpt, r.Addr); err != nil {
 			return nil, err
 		}
 		line, err := s.client.RcptLine(r.Addr, r.Opts)
 		if err != nil {
-			return nil, s.fail(ctx, "RCPT", err)
+			return nil, s.fail(ctx, stageRcpt, err)
 		}
 		cmds = append(cmds, smtpclient.Command{Line: line, Expect: 25})
 	}
@@ -172,18 +172,18 @@ func (c *Conn) Envelope(ctx context.Context, from string, opts *smtp.MailOptions
 		// typically): MAIL's is the one that counts. With every reply
 		// read, no transaction was started: no RSET needed.
 		s.dirty = err != nil
-		return nil, c.done(ctx, "MAIL", replies[0].Err, 0, from)
+		return nil, c.done(ctx, stageMail, replies[0].Err, 0, from)
 	}
 	if err != nil {
 		if len(replies) == 0 {
-			return nil, c.done(ctx, "MAIL", err, 0)
+			return nil, c.done(ctx, stageMail, err, 0)
 		}
-		return nil, c.done(ctx, "RCPT", err, 0)
+		return nil, c.done(ctx, stageRcpt, err, 0)
 	}
-	c.done(ctx, "MAIL", nil, 250)
+	c.done(ctx, stageMail, nil, 250)
 	rcptErrs = make([]error, len(rcpts))
 	for i, r := range replies[1:] {
-		rcptErrs[i] = c.done(ctx, "RCPT", r.Err, r.Code, rcpts[i].Addr)
+		rcptErrs[i] = c.done(ctx, stageRcpt, r.Err, r.Code, rcpts[i].Addr)
 	}
 	if s.broken { // a 421 to a recipient: the session is over
 		for _, e := range rcptErrs {
@@ -222,7 +222,7 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 	if chunked {
 		reply, sent, err = s.client.BDAT(msg, c.Pipelining())
 	} else {
-		if err := c.done(ctx, "DATA", s.client.StartData(), 354); err != nil {
+		if err := c.done(ctx, stageData, s.client.StartData(), 354); err != nil {
 			return "", err
 		}
 		reply, sent, err = s.client.SendData(msg)
@@ -235,13 +235,13 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		// written whole is neither acceptance nor refusal: the upstream
 		// broke the protocol, and may have kept the message, as when its
 		// reply is lost. The session is out of step.
-		c.pool.cfg.OnReply("end of DATA", smtpErr.Code)
+		c.pool.cfg.OnReply(stageEndOfData, smtpErr.Code)
 		s.broken = true
-		return "", s.fail(ctx, "end of DATA",
+		return "", s.fail(ctx, stageEndOfData,
 			fmt.Errorf("%w: a reply with code %d is neither acceptance nor refusal", ErrNoReply, smtpErr.Code))
 	case errors.As(err, &smtpErr):
 		if !sent { // a chunk was refused before the last was written
-			return "", c.done(ctx, "end of DATA", err, 0)
+			return "", c.done(ctx, stageEndOfData, err, 0)
 		}
 		err = fmt.Errorf("%w: %w", ErrAfterMessage, err)
 	default:
@@ -249,7 +249,7 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		if sent {
 			err = fmt.Errorf("%w: %w", ErrNoReply, err)
 		}
-		return "", c.done(ctx, "end of DATA", err, 0)
+		return "", c.done(ctx, stageEndOfData, err, 0)
 	}
 	// After a refused BDAT the upstream's state is indeterminate and
 	// wants RSET (RFC 3030, section 2); after DATA's final reply, any
@@ -261,9 +261,9 @@ func (c *Conn) Data(ctx context.Context, msg io.Reader) (reply string, err error
 		// The upstream forgets the session's errors and junk commands
 		// when it accepts a message.
 		s.client.Tally = smtpclient.Tally{}
-		return reply, c.done(ctx, "end of DATA", nil, 250)
+		return reply, c.done(ctx, stageEndOfData, nil, 250)
 	}
-	return "", c.done(ctx, "end of DATA", err, 0)
+	return "", c.done(ctx, stageEndOfData, err, 0)
 }
 
 // done reports the upstream's reply to a command to Config.OnReply (ok,

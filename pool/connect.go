@@ -31,7 +31,7 @@ func (p *Pool) setUp(ctx context.Context, u *upstream) (*session, error) {
 		p.stats.connectFailures.Add(1)
 		var smtpErr *smtp.SMTPError
 		if errors.As(err, &smtpErr) {
-			p.cfg.OnReply("set-up", smtpErr.Code)
+			p.cfg.OnReply(stageSetUp, smtpErr.Code)
 		}
 		p.log.Debug("upstream session set-up failed", "upstream", u.addr, "err", err, "duration", time.Since(start).String())
 		return nil, p.signalError(err, p.established()+1, stageSetUp)
