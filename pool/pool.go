@@ -155,10 +155,6 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	}
 }
 
-// acquirerKey is the key of the context value that carries Acquire's ctx
-// to the constructor that puddle runs for it.
-type acquirerKey struct{}
-
 // TryAcquire returns a session ready for a new transaction if one is idle
 // now and Acquire would not wait for the cap or the rate limit, and nil
 // otherwise. It never dials, waits or checks a session with NOOP: a
@@ -199,11 +195,8 @@ func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 	// Each pass either returns or closes a session, so the loop ends; the
 	// bound turns a pool that only yields unusable sessions into an error.
 	for range 2*int(p.cfg.MaxConns) + 2 {
-		res, err := p.p.Acquire(context.WithValue(ctx, acquirerKey{}, ctx))
+		res, err := p.take(ctx)
 		if err != nil {
-			if errors.Is(err, puddle.ErrClosedPool) {
-				return nil, ErrClosed
-			}
 			return nil, err
 		}
 		if p.usable(ctx, res) {
@@ -215,6 +208,31 @@ func (p *Pool) acquire(ctx context.Context) (*Conn, error) {
 		}
 	}
 	return nil, errors.New("acquire: no usable upstream session after closing expired or broken ones")
+}
+
+// take takes a session from puddle, idle or set up for it. Where the
+// prober makes set-ups wait (see prober.dial), it waits, with ctx, and
+// tries again: the wait is the acquirer's, since puddle runs the
+// constructor with a context that the acquirer's end does not cancel.
+func (p *Pool) take(ctx context.Context) (*puddle.Resource[*session], error) {
+	for {
+		res, err := p.p.Acquire(ctx)
+		if err == nil {
+			return res, nil
+		}
+		var w *probeWait
+		switch {
+		case errors.As(err, &w):
+			if err := w.wait(ctx); err != nil {
+				p.stats.canceledWaits.Add(1)
+				return nil, err
+			}
+		case errors.Is(err, puddle.ErrClosedPool):
+			return nil, ErrClosed
+		default:
+			return nil, err
+		}
+	}
 }
 
 // usable checks a session just taken from the pool, and destroys it if it

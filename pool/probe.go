@@ -61,64 +61,83 @@ type prober struct {
 // a session over its connection limit and its next probe is not due yet.
 var errBackingOff = errors.New("upstream refused a session over its connection limit; backing off")
 
-// dial sets up a session with connect, through the prober's gate. A wait
-// for a probe ends when wait ends (the caller gave up), and connect runs
-// with ctx. With noWait, it does not wait for a probe at all, but fails at
-// once, so that the caller can turn to another upstream.
-func (pr *prober) dial(ctx, wait context.Context, connect func(context.Context) (*session, error), noWait bool) (*session, error) {
-	for {
-		pr.mu.Lock()
-		switch {
-		case pr.state == stateOK:
-			pr.mu.Unlock()
-			s, err := connect(ctx)
-			pr.record(ctx, err, false)
-			return s, err
-		case pr.inFlight != nil && noWait:
-			pr.mu.Unlock()
-			if pr.state == stateFull {
-				return nil, fmt.Errorf("%w: probe in flight", errBackingOff)
-			}
-			return nil, fmt.Errorf("%w: probe in flight", ErrUpstreamDown)
-		case pr.inFlight != nil:
-			done := pr.inFlight
-			pr.mu.Unlock()
-			select {
-			case <-done:
-				continue
-			case <-wait.Done():
-				return nil, fmt.Errorf("waiting for the upstream probe: %w", context.Cause(wait))
-			}
-		case time.Now().Before(pr.next) && pr.state == stateDown:
-			err := pr.lastErr
-			pr.mu.Unlock()
-			return nil, fmt.Errorf("%w: %w", ErrUpstreamDown, err)
-		case time.Now().Before(pr.next) && noWait:
-			err := pr.lastErr
-			pr.mu.Unlock()
-			return nil, fmt.Errorf("%w: %w", errBackingOff, err)
-		case time.Now().Before(pr.next):
-			t := time.NewTimer(time.Until(pr.next))
-			pr.mu.Unlock()
-			select {
-			case <-t.C:
-				continue
-			case <-wait.Done():
-				t.Stop()
-				return nil, fmt.Errorf("waiting to probe the upstream again: %w", context.Cause(wait))
-			}
-		}
-		done := make(chan struct{})
-		pr.inFlight = done
+// dial sets up a session with connect, through the prober's gate, with
+// ctx. Where the prober makes a dial wait (a probe is in flight, or the
+// entry is full and its next probe is not due), dial does not wait: it
+// returns a *probeWait, which the acquirer waits for with its own context
+// before it tries again (see Pool.acquire), so that puddle's constructor,
+// which an acquirer that gives up does not stop, never waits. With noWait,
+// it fails at once instead, so that the caller can turn to another
+// upstream.
+func (pr *prober) dial(ctx context.Context, connect func(context.Context) (*session, error), noWait bool) (*session, error) {
+	pr.mu.Lock()
+	switch {
+	case pr.state == stateOK:
 		pr.mu.Unlock()
 		s, err := connect(ctx)
-		pr.record(ctx, err, true)
-		pr.mu.Lock()
-		pr.inFlight = nil
-		pr.mu.Unlock()
-		close(done)
+		pr.record(ctx, err, false)
 		return s, err
+	case pr.inFlight != nil && noWait:
+		full := pr.state == stateFull
+		pr.mu.Unlock()
+		if full {
+			return nil, fmt.Errorf("%w: probe in flight", errBackingOff)
+		}
+		return nil, fmt.Errorf("%w: probe in flight", ErrUpstreamDown)
+	case pr.inFlight != nil:
+		done := pr.inFlight
+		pr.mu.Unlock()
+		return nil, &probeWait{done: done}
+	case time.Now().Before(pr.next):
+		err, next := pr.lastErr, pr.next
+		state := pr.state
+		pr.mu.Unlock()
+		switch {
+		case state == stateDown:
+			return nil, fmt.Errorf("%w: %w", ErrUpstreamDown, err)
+		case noWait:
+			return nil, fmt.Errorf("%w: %w", errBackingOff, err)
+		}
+		return nil, &probeWait{until: next}
 	}
+	done := make(chan struct{})
+	pr.inFlight = done
+	pr.mu.Unlock()
+	s, err := connect(ctx)
+	pr.record(ctx, err, true)
+	pr.mu.Lock()
+	pr.inFlight = nil
+	pr.mu.Unlock()
+	close(done)
+	return s, err
+}
+
+// probeWait is a dial's answer when it must wait for the prober: until the
+// probe in flight ends (done), or else until the next probe is due
+// (until). The acquirer waits for it and tries again.
+type probeWait struct {
+	done  <-chan struct{}
+	until time.Time
+}
+
+func (w *probeWait) Error() string { return "waiting for the upstream's next probe" }
+
+// wait waits for w, or for ctx to end (and then returns an error that
+// wraps ctx's cause).
+func (w *probeWait) wait(ctx context.Context) error {
+	var due <-chan time.Time // nil, which never fires, while a probe is in flight
+	if w.done == nil {
+		t := time.NewTimer(time.Until(w.until))
+		defer t.Stop()
+		due = t.C
+	}
+	select {
+	case <-w.done:
+	case <-due:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the upstream's next probe: %w", context.Cause(ctx))
+	}
+	return nil
 }
 
 // record notes the outcome of a session set-up; a failure caused by ctx

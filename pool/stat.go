@@ -14,6 +14,9 @@ type counters struct {
 	auths           atomic.Int64
 	messages        atomic.Int64
 	closed          [numCloseReasons]atomic.Int64
+	// canceledWaits counts Acquire calls that gave up while they waited
+	// for the prober (puddle counts those that give up inside it).
+	canceledWaits atomic.Int64
 }
 
 // Stat is a snapshot of a pool's state and running totals. A conn is one
@@ -129,7 +132,7 @@ func (p *Pool) Stat() Stat {
 		AcquireCount:         ps.AcquireCount(),
 		EmptyAcquireCount:    ps.EmptyAcquireCount(),
 		EmptyAcquireWaitTime: ps.EmptyAcquireWaitTime(),
-		CanceledAcquireCount: ps.CanceledAcquireCount(),
+		CanceledAcquireCount: ps.CanceledAcquireCount() + p.stats.canceledWaits.Load(),
 		ConnsOpened:          int64(p.stats.connsOpened.Load()),
 		ConnectFailures:      p.stats.connectFailures.Load(),
 		Auths:                p.stats.auths.Load(),

@@ -57,31 +57,21 @@ func newUpstreams(cfg Config, recovered func()) ([]*upstream, error) {
 // limit, is skipped until its next probe is due, if another entry follows
 // it. While the only (or last) entry is down, the prober lets one attempt
 // at a time through; while it is full, one attempt at a time, and the
-// others wait for it.
+// others return a *probeWait, for their acquirers to wait for (see
+// prober.dial).
 func (p *Pool) connect(ctx context.Context) (*session, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // TryAcquire's background dial: nothing to do, nothing to count
-	}
-	// puddle runs the constructor with a context that the acquirer's end
-	// does not cancel, so that a dial under way is not wasted; a wait for
-	// a probe is, when the acquirer gives up.
-	wait := ctx
-	if a, ok := ctx.Value(acquirerKey{}).(context.Context); ok {
-		w, cancel := context.WithCancelCause(ctx)
-		defer cancel(nil)
-		stop := context.AfterFunc(a, func() { cancel(context.Cause(a)) })
-		defer stop()
-		wait = w
 	}
 	var err error
 	for i, u := range p.upstreams {
 		last := i == len(p.upstreams)-1
 		var s *session
-		s, err = u.probe.dial(ctx, wait, func(ctx context.Context) (*session, error) { return p.setUp(ctx, u) }, !last)
+		s, err = u.probe.dial(ctx, func(ctx context.Context) (*session, error) { return p.setUp(ctx, u) }, !last)
 		if err == nil {
 			return s, nil
 		}
-		if wait.Err() != nil {
+		if ctx.Err() != nil {
 			return nil, err
 		}
 		if !last && !errors.Is(err, ErrUpstreamDown) && !errors.Is(err, errBackingOff) {
