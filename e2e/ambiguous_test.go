@@ -56,23 +56,9 @@ func TestLostRepliesAgainstTheBinary(t *testing.T) {
 				}
 				t.Cleanup(up.Close)
 				proxy := startProxy(t, up.Addr(), map[string]string{"SMTPPOOL_UPSTREAM_TLS": "none"})
-				msg := peers.NewMessages("lost-reply", 1)[0]
-				c, err := peers.Open(proxy.Addr, 10*time.Second)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Quit()
-				c.SetDeadline(time.Now().Add(60 * time.Second))
-				if err := c.Begin(msg); err != nil {
-					t.Fatal(err)
-				}
-				if err := c.WriteData(msg.Bytes()); err != nil {
-					t.Fatal(err)
-				}
-				start := time.Now()
-				code, text, err := c.Cmd("")
+				code, text, took, err := sendForVerdict(t, proxy.Addr, peers.NewMessages("lost-reply", 1)[0])
 				t.Logf("client: %d %.80s (after %v); upstream kept %d copies over %d connections",
-					code, text, time.Since(start).Round(time.Millisecond), len(up.Kept()), up.Conns())
+					code, text, took, len(up.Kept()), up.Conns())
 				if err != nil || code != tt.wantCode {
 					t.Fatalf("end of data: %d %s (err %v), want %d", code, text, err, tt.wantCode)
 				}
@@ -101,21 +87,8 @@ func TestLostReplyWithSmtpSink(t *testing.T) {
 	sink := startSink(t, true, "-q", ".")
 	proxy := startProxy(t, sink.Addr, map[string]string{"SMTPPOOL_UPSTREAM_TLS": "none"})
 	msg := peers.NewMessages("lost-reply-sink", 1)[0]
-	c, err := peers.Open(proxy.Addr, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Quit()
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	if err := c.Begin(msg); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.WriteData(msg.Bytes()); err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	code, text, err := c.Cmd("")
-	t.Logf("client: %d %s (after %v)", code, text, time.Since(start).Round(time.Millisecond))
+	code, text, took, err := sendForVerdict(t, proxy.Addr, msg)
+	t.Logf("client: %d %s (after %v)", code, text, took)
 	if err != nil || code != 451 || !strings.HasPrefix(text, "4.4.0 ") {
 		t.Fatalf("end of data: %d %s (err %v), want 451 4.4.0", code, text, err)
 	}
@@ -129,4 +102,27 @@ func TestLostReplyWithSmtpSink(t *testing.T) {
 	if n := len(box[msg.ID]); n != 2 {
 		t.Errorf("smtp-sink kept %d copies, want 2 (%v)", n, sink.Counters())
 	}
+}
+
+// sendForVerdict sends msg through the proxy at addr with DATA and returns
+// the reply to its end of data, and how long after the message it came.
+// The client waits up to 60 s for it, as long as any of these tests may
+// take to give a verdict.
+func sendForVerdict(t *testing.T, addr string, msg peers.Message) (code int, text string, took time.Duration, err error) {
+	t.Helper()
+	c, err := peers.Open(addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Quit() })
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	if err := c.Begin(msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteData(msg.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	code, text, err = c.Cmd("")
+	return code, text, time.Since(start).Round(time.Millisecond), err
 }

@@ -959,16 +959,25 @@ func TestExtraReplyIsNeverTakenForTheNext(t *testing.T) {
 			if !c.Unsolicited() {
 				t.Error("Unsolicited() is false with a reply waiting that no command asked for")
 			}
-			err := send(c)
-			if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) {
-				t.Errorf("after an extra reply: %v, want ErrUnsolicitedReply", err)
-			}
-			c.Close()
-			<-done
-			if len(after) != 0 {
-				t.Errorf("server read %q after the extra reply, want nothing", after)
-			}
+			mustRefuseAfterExtraReply(t, c, send, done, &after)
 		})
+	}
+}
+
+// mustRefuseAfterExtraReply checks that send fails on c, which has an
+// extra reply waiting, with ErrUnsolicitedReply before anything is
+// written: once the server is done (done closed), what it read after the
+// extra reply (*after) is empty.
+func mustRefuseAfterExtraReply(t *testing.T, c *Client, send func(*Client) error, done <-chan struct{}, after *[]byte) {
+	t.Helper()
+	err := send(c)
+	if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) {
+		t.Errorf("after an extra reply: %v, want ErrUnsolicitedReply", err)
+	}
+	c.Close()
+	<-done
+	if len(*after) != 0 {
+		t.Errorf("server read %q after the extra reply, want nothing", *after)
 	}
 }
 
@@ -1150,15 +1159,7 @@ func TestExtraReplyInALaterPacket(t *testing.T) {
 			}
 			close(stray)
 			memsmtp.WaitFor(t, "Unsolicited() to see the extra reply in the socket", c.Unsolicited)
-			err := send(c)
-			if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) {
-				t.Errorf("after an extra reply: %v, want ErrUnsolicitedReply", err)
-			}
-			c.Close()
-			<-done
-			if len(after) != 0 {
-				t.Errorf("server read %q after the extra reply, want nothing", after)
-			}
+			mustRefuseAfterExtraReply(t, c, send, done, &after)
 		})
 	}
 }
