@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -222,6 +223,10 @@ type SendOptions struct {
 	// OnGreeting, if set, is called once the greeting was read (code 0 if
 	// none came), before EHLO. It may block, to hold the client there.
 	OnGreeting func(code int)
+	// AwaitingMail, if set, counts the clients that have sent MAIL and
+	// not yet read its reply: the transactions a server holds at MAIL, as
+	// smtppool holds them while it waits for an upstream session.
+	AwaitingMail *atomic.Int64
 }
 
 // SendMail sends m over a new connection to addr, as the chat server does,
@@ -250,6 +255,10 @@ func SendMail(addr string, m Message, opts SendOptions) (r Result) {
 	// step sends a command (none for the greeting) and reads the reply.
 	step := func(stage string, want int, cmd string) bool {
 		r.Stage = stage
+		if stage == StageMAIL && opts.AwaitingMail != nil {
+			opts.AwaitingMail.Add(1)
+			defer opts.AwaitingMail.Add(-1)
+		}
 		r.Code, r.Reply, r.Err = c.Cmd(cmd)
 		return r.Err == nil && r.Code == want
 	}
@@ -290,6 +299,9 @@ type BurstOptions struct {
 	SyncGreeting bool
 	// Timeout bounds each client's conversation; default 60 s.
 	Timeout time.Duration
+	// AwaitingMail, if set, counts the clients waiting for the reply to
+	// their MAIL (see SendOptions).
+	AwaitingMail *atomic.Int64
 }
 
 // SendBurst sends every message over its own connection, concurrently, and
@@ -311,7 +323,7 @@ func SendBursts(addrs []string, bursts [][]Message, o BurstOptions) [][]Result {
 	}
 	var greeted, done sync.WaitGroup
 	release := make(chan struct{})
-	opts := SendOptions{Timeout: o.Timeout}
+	opts := SendOptions{Timeout: o.Timeout, AwaitingMail: o.AwaitingMail}
 	if o.SyncGreeting {
 		greeted.Add(total)
 		opts.OnGreeting = func(code int) {

@@ -1,6 +1,9 @@
 package peers
 
 import (
+	"fmt"
+	"net"
+	"net/textproto"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -43,5 +46,63 @@ func TestSendBurstLimitedKeepsItsLimit(t *testing.T) {
 	}
 	if most.Load() < 2 {
 		t.Errorf("the server held at most %d message at once: the clients did not run concurrently", most.Load())
+	}
+}
+
+// TestSendBurstCountsClientsAwaitingMail runs a burst against a server that
+// greets, answers EHLO and then holds every MAIL until released: while it
+// holds them, the counter shows every client awaiting the reply to MAIL;
+// once the server has answered (421) and the burst is over, none.
+func TestSendBurstCountsClientsAwaitingMail(t *testing.T) {
+	const clients = 5
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	release := make(chan struct{})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				tc := textproto.NewConn(c)
+				_ = tc.PrintfLine("220 held.test")
+				if _, err := tc.ReadLine(); err != nil { // EHLO
+					return
+				}
+				_ = tc.PrintfLine("250 held.test")
+				if _, err := tc.ReadLine(); err != nil { // MAIL
+					return
+				}
+				<-release
+				_ = tc.PrintfLine("421 4.3.0 released")
+			}()
+		}
+	}()
+	var awaiting atomic.Int64
+	done := make(chan []Result, 1)
+	go func() {
+		done <- SendBurst(ln.Addr().String(), NewMessages("awaiting", clients), BurstOptions{AwaitingMail: &awaiting, Timeout: 30 * time.Second})
+	}()
+	err = Poll(t.Context(), 20*time.Second, "every client to await the reply to MAIL", func() (bool, string) {
+		n := awaiting.Load()
+		return n == clients, fmt.Sprintf("%d awaiting", n)
+	})
+	close(release)
+	results := <-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range results {
+		if r.Stage != StageMAIL || r.Code != 421 {
+			t.Errorf("%v; want 421 at MAIL", r)
+		}
+	}
+	if n := awaiting.Load(); n != 0 {
+		t.Errorf("%d clients still counted as awaiting MAIL after the burst; want 0", n)
 	}
 }
