@@ -25,9 +25,12 @@
 //     smtppool against a Postfix relay, at RTT 0, 5 and 20 ms.
 //  8. Burst capacity: 10,000 clients at once, one message each, through
 //     smtppool with its defaults (N = 10) into a Postfix upstream: messages
-//     delivered, peak RSS, memory per waiting client, time to drain; and
-//     the same burst with smtppool in a 320 MiB memory cgroup with the k8s
-//     example's settings: delivered, and the peak memory charged.
+//     delivered, peak RSS, memory per waiting client, time to drain; the
+//     same burst while Postfix is stopped, started again once every client
+//     waits: delivered, memory and goroutines per waiting client, time
+//     from the recovery to the last reply; and the same burst with
+//     smtppool in a 320 MiB memory cgroup with the k8s example's settings:
+//     delivered, and the peak memory charged.
 //
 // With -baseline REF it also builds the smtppool of the git ref REF and
 // measures it beside this one in measurements 1 and 7.

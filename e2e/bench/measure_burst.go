@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/smtppool/smtppool/e2e/internal/peers"
@@ -32,6 +34,13 @@ func (b *bench) burstFigures() []figure {
 			Short: fmt.Sprintf("Burst of %d in %.0f MiB: delivered", n, limit), Target: float64(n), Dir: atLeast},
 		{ID: "8f", Name: fmt.Sprintf("Peak memory charged to that cgroup (user and kernel), limit %.0f MiB", limit),
 			Short: fmt.Sprintf("Peak memory in a %.0f MiB cgroup", limit), Unit: "MiB", Digits: 1, Target: limit, Dir: atMost},
+		{ID: "8g", Name: fmt.Sprintf("Burst of %d clients at once while the Postfix upstream is stopped, started again once all wait: delivered exactly once", n),
+			Short: fmt.Sprintf("Burst of %d through an outage: delivered", n), Target: float64(n), Dir: atLeast},
+		{ID: "8h", Name: "Memory per client waiting through an outage (RSS above the idle smtppool ÷ transactions waiting, at the most waiting)",
+			Short: "Memory per client waiting through an outage", Unit: "KiB", Digits: 1, Target: 20, Dir: atMost},
+		{ID: "8i", Name: "Goroutines per client waiting through that outage (above the idle smtppool, at the same sample)", Digits: 2},
+		{ID: "8j", Name: fmt.Sprintf("Time from the upstream's recovery (listening again) to the last 250 of the burst of %d", n),
+			Unit: "s", Digits: 1},
 	}
 }
 
@@ -41,7 +50,34 @@ type burstSample struct {
 	rss                       int64 // KiB
 	open, waiting, goroutines int
 	heap, stacks              float64 // bytes in use
+	allocated                 float64 // bytes allocated since smtppool started
+	// awaitingMail is the clients that had sent MAIL and not yet read its
+	// reply, as the clients counted them when the sample was taken.
+	awaitingMail int
 }
+
+// burstKind is what the upstream does during a burst.
+type burstKind int
+
+const (
+	// upstreamUp: the upstream takes the burst; clients wait for busy
+	// sessions.
+	upstreamUp burstKind = iota
+	// upstreamOutage: the upstream is stopped before the burst and started
+	// again, on the same port, once every client waits for the reply to its
+	// MAIL and outageHold has passed.
+	upstreamOutage
+)
+
+// readCostReads is how many reads in a row measure what one read of
+// /metrics allocates in smtppool.
+const readCostReads = 20
+
+// outageHold is how long the upstream stays down once every client of an
+// outage burst waits: some seconds of smtppool holding them all, well
+// within SMTPPOOL_RETRY_TIMEOUT (2 minutes) and SMTPPOOL_ACQUIRE_TIMEOUT
+// (3 minutes), so that no client should fail.
+const outageHold = 5 * time.Second
 
 // burstOutcome is what one burst run saw.
 type burstOutcome struct {
@@ -58,6 +94,30 @@ type burstOutcome struct {
 	perClient                 float64 // KiB per waiting client
 	cgroupPeak                int64   // bytes; 0 without a cgroup
 	oomKills                  int
+	outage                    outageOutcome // for an upstreamOutage burst
+}
+
+// outageOutcome is what an outage burst saw of the outage.
+type outageOutcome struct {
+	stopped   time.Duration // from the first connect to the upstream's stop; negative: before the burst
+	allWait   time.Duration // from the first connect until every client awaited the reply to MAIL
+	holdEnd   time.Duration // from the first connect to the end of outageHold
+	recovered time.Duration // from the first connect until the upstream listened again
+	// Seen in smtppool's metrics just before the upstream was started
+	// again: upstream_up, set-ups that failed during the burst, retries
+	// by reason, transactions finished during the burst (none may have).
+	up                float64
+	failedSetUps      float64
+	retries           map[string]float64
+	finished          float64
+	waitingAtRecovery int     // smtppool's transactions waiting then
+	toLast            float64 // seconds from the recovery to the last reply
+	// held is the samples taken while every client waited, from
+	// allWait to holdEnd.
+	held []burstSample
+	// readCost is what one read of /metrics allocates in smtppool
+	// (bytes), measured at the end of the outage, every client waiting.
+	readCost float64
 }
 
 // measureBurst is measurement 8, the burst capacity. A Postfix upstream
@@ -69,20 +129,33 @@ type burstOutcome struct {
 // metrics (client connections, transactions waiting, goroutines, heap and
 // stacks in use) are sampled; the memory per waiting client is taken at the
 // sample with the most transactions waiting, as (RSS - RSS before the
-// burst) ÷ transactions waiting. Then the same burst again, with smtppool
-// in a memory cgroup of its own, as in a container with the recommended
-// limit, and the k8s example's message settings: it derives its client cap
-// and GOMEMLIMIT from the limit, and the kernel charges the cgroup for all
-// it uses.
+// burst) ÷ transactions waiting. Then the same burst through an outage:
+// Postfix is stopped before it and started again on its port once every
+// client awaits the reply to its MAIL and outageHold has passed; smtppool
+// holds them all meanwhile (none may be answered before the upstream is
+// back), and the memory per waiting client is taken the same way. Then
+// the same burst again, with the upstream up and smtppool in a memory
+// cgroup of its own, as in a container with the recommended limit, and the
+// k8s example's message settings: it derives its client cap and GOMEMLIMIT
+// from the limit, and the kernel charges the cgroup for all it uses.
 func (b *bench) measureBurst(g *peers.Group) error {
 	pl := b.plan
 	figs := b.burstFigures()
-	free, err := b.burstRun(g, b.bin, nil, nil)
+	free, err := b.burstRun(g, b.bin, nil, nil, upstreamUp)
 	if err != nil {
 		return err
 	}
 	figs[0].Value, figs[1].Value, figs[2].Value, figs[3].Value = float64(free.once), mib(free.hwm), free.perClient, free.drain.Seconds()
 	b.burstDetails("", free)
+
+	down, err := b.burstRun(g, b.bin, nil, nil, upstreamOutage)
+	if err != nil {
+		return fmt.Errorf("through an outage: %w", err)
+	}
+	figs[6].Value, figs[7].Value = float64(down.once), down.perClient
+	figs[8].Value, figs[9].Value = (float64(down.most.goroutines)-down.idleGoroutines)/float64(down.most.waiting), down.outage.toLast
+	b.burstDetails("Through an outage: ", down)
+	b.outageDetails(down)
 
 	cg, err := peers.NewMemCgroup(g, fmt.Sprintf("smtppool-bench-%d", os.Getpid()), pl.burstLimit)
 	if err != nil {
@@ -96,7 +169,7 @@ func (b *bench) measureBurst(g *peers.Group) error {
 	if err != nil {
 		return err
 	}
-	limited, err := b.burstRun(g, wrapped, k8sSettings, cg)
+	limited, err := b.burstRun(g, wrapped, k8sSettings, cg, upstreamUp)
 	if err != nil {
 		return fmt.Errorf("in a %d MiB cgroup: %w", pl.burstLimit>>20, err)
 	}
@@ -126,9 +199,40 @@ func (b *bench) burstDetails(prefix string, o burstOutcome) {
 		s.stacks/(1<<20), s.stacks/1024/float64(s.waiting), mib(o.hwm))
 }
 
+// outageDetails records what an outage burst saw of the outage.
+func (b *bench) outageDetails(o burstOutcome) {
+	u := o.outage
+	reasons := slices.Sorted(maps.Keys(u.retries))
+	retries := ""
+	for i, r := range reasons {
+		if i > 0 {
+			retries += ", "
+		}
+		retries += fmt.Sprintf("%s %.0f", r, u.retries[r])
+	}
+	if retries == "" {
+		retries = "none"
+	}
+	b.detail("8. Through an outage: Postfix was stopped (postfix stop) %.1f s before the first connect, and smtppool had closed its warm sessions; every client awaited the reply to its MAIL %.1f s after the first connect; Postfix was kept stopped %v more, then started, and listened again on the same port %.1f s after that moment (at %.1f s). Just before it was started, smtppool's metrics showed upstream_up %.0f, %.0f failed session set-ups, retries by reason: %s; %.0f transactions finished during the burst and %d waiting (the others, between their tries, held their buffer space). The last reply came %.1f s after Postfix listened again. At the sample with the most waiting, %d clients awaited the reply to MAIL.",
+		-u.stopped.Seconds(), u.allWait.Seconds(), outageHold, (u.recovered - u.allWait).Seconds(), u.recovered.Seconds(), u.up, u.failedSetUps, retries,
+		u.finished, u.waitingAtRecovery, u.toLast, o.most.awaitingMail)
+	if len(u.held) < 2 {
+		return
+	}
+	first, last := u.held[0], u.held[len(u.held)-1]
+	secs := (last.at - first.at).Seconds()
+	b.detail("8. Through an outage, while every client waited: %d samples from %.1f s to %.1f s; RSS %.1f MiB at the first (%.1f KiB per waiting client), %.1f MiB at the last (%.1f KiB); heap in use %.1f then %.1f MiB. smtppool allocated %.1f MiB meanwhile (go_memstats_alloc_bytes_total), %.0f KiB/s; one read of /metrics allocates %.0f KiB in it (%d reads in a row at the end of the outage), so the %d reads of the samples between the first and the last account for %.1f MiB of that.",
+		len(u.held), first.at.Seconds(), last.at.Seconds(), mib(first.rss), float64(first.rss-o.idle)/float64(first.waiting),
+		mib(last.rss), float64(last.rss-o.idle)/float64(last.waiting), first.heap/(1<<20), last.heap/(1<<20),
+		(last.allocated-first.allocated)/(1<<20), (last.allocated-first.allocated)/1024/secs, u.readCost/1024, readCostReads,
+		len(u.held)-1, float64(len(u.held)-1)*u.readCost/(1<<20))
+}
+
 // burstRun is one burst through the smtppool binary bin, with settings
-// added to the measurement's; cg, if not nil, is the cgroup bin runs in.
-func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string, cg *peers.MemCgroup) (burstOutcome, error) {
+// added to the measurement's; cg, if not nil, is the cgroup bin runs in;
+// kind says whether the upstream takes the burst or is down when it
+// starts (see upstreamOutage).
+func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string, cg *peers.MemCgroup, kind burstKind) (burstOutcome, error) {
 	pl := b.plan
 	var o burstOutcome
 	script, err := peers.UpstreamScript(b.root)
@@ -187,20 +291,66 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 		return o, err
 	}
 	o.idleGoroutines, _ = idleMetrics.Value("go_goroutines")
+	finishedBefore, _ := idleMetrics.Value("smtppool_transactions_total")
+	var stopped time.Time
+	if kind == upstreamOutage {
+		if err := pf.Stop(g.Context()); err != nil {
+			return o, err
+		}
+		stopped = time.Now()
+		// smtppool was measured idle as in the other runs, with its warm
+		// sessions; they close once idle for SMTPPOOL_MAX_CONN_IDLE_TIME
+		// (2 s): it then holds nothing of the upstream, as after an
+		// outage that began while it was quiet. (Its metrics are read
+		// only twice a second meanwhile: each read allocates in it.)
+		if err := peers.PollEvery(g.Context(), 500*time.Millisecond, 30*time.Second, "smtppool to close its sessions to the stopped Postfix", func() (bool, string) {
+			m, err := peers.ScrapeMetrics(g.Context(), admin)
+			if err != nil {
+				return false, err.Error()
+			}
+			n, _ := m.Value("smtppool_upstream_connections")
+			return n == 0, fmt.Sprintf("%.0f upstream connections", n)
+		}); err != nil {
+			return o, err
+		}
+	}
 
-	msgs := peers.NewMessages("burst", pl.burstClients)
+	name := "burst"
+	if kind == upstreamOutage {
+		name = "outage-burst"
+	}
+	msgs := peers.NewMessages(name, pl.burstClients)
 	ctx, stopSampling := context.WithCancel(g.Context())
 	var samples []burstSample
 	var sampled sync.WaitGroup
+	var awaiting atomic.Int64
 	sampled.Add(1)
 	start := time.Now()
 	go func() {
 		defer sampled.Done()
-		samples = sampleBurst(ctx, px, admin, start)
+		samples = sampleBurst(ctx, px, admin, start, &awaiting)
 	}()
-	results := peers.SendBurst(px.Addr, msgs, peers.BurstOptions{SyncGreeting: true, Timeout: 5 * time.Minute})
+	burst := peers.BurstOptions{SyncGreeting: true, Timeout: 5 * time.Minute, AwaitingMail: &awaiting}
+	var results []peers.Result
+	var recovered time.Time
+	switch kind {
+	case upstreamOutage:
+		done := make(chan []peers.Result, 1)
+		go func() { done <- peers.SendBurst(px.Addr, msgs, burst) }()
+		o.outage, recovered, err = b.outage(g.Context(), pf, admin, &awaiting, start)
+		o.outage.stopped = stopped.Sub(start)
+		o.outage.finished -= finishedBefore
+		// Whatever became of the outage, the clients end: Postfix runs
+		// again, or, if it could not be started, they time out.
+		results = <-done
+	default:
+		results = peers.SendBurst(px.Addr, msgs, burst)
+	}
 	stopSampling()
 	sampled.Wait()
+	if err != nil {
+		return o, err
+	}
 	if cg != nil {
 		if o.oomKills, err = cg.OOMKills(); err != nil {
 			return o, err
@@ -220,13 +370,23 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 	}
 	first, last := results[0].Start, results[0].End
 	var acked []peers.Message
+	answeredEarly := 0 // outage: clients answered before the upstream was back
 	for _, r := range results {
 		first, last = minTime(first, r.Start), maxTime(last, r.End)
 		if r.Accepted() {
 			acked = append(acked, r.Msg)
 		}
+		if !recovered.IsZero() && r.End.Before(recovered) {
+			answeredEarly++
+		}
 	}
 	o.drain, o.tally = last.Sub(first), tallyResults(results)
+	if kind == upstreamOutage {
+		o.outage.toLast = last.Sub(recovered).Seconds()
+		if answeredEarly > 0 {
+			return o, fmt.Errorf("%d clients were answered while the upstream was down (%s); smtppool should hold them until it is back", answeredEarly, o.tally)
+		}
+	}
 	box, err := pf.WaitDelivered(g.Context(), acked, 5*time.Minute)
 	if err != nil {
 		return o, err
@@ -238,6 +398,11 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 	}
 	o.samples = len(samples)
 	o.most = slices.MaxFunc(samples, func(x, y burstSample) int { return x.waiting - y.waiting }) // the first of the most
+	for _, x := range samples {
+		if kind == upstreamOutage && x.at >= o.outage.allWait && x.at < o.outage.holdEnd {
+			o.outage.held = append(o.outage.held, x)
+		}
+	}
 	if o.most.waiting == 0 {
 		return o, fmt.Errorf("no sample saw a transaction waiting (%d samples)", len(samples))
 	}
@@ -245,9 +410,76 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 	return o, nil
 }
 
+// outage runs the outage of an upstreamOutage burst, whose clients started
+// at start: it waits until every client awaits the reply to its MAIL (none
+// may have been answered: smtppool holds them while it probes the
+// upstream), holds the upstream down for outageHold more, checks in
+// smtppool's metrics that it saw the upstream down and finished no
+// transaction, measures what a read of its metrics allocates in it, and
+// starts Postfix again on its port. It returns what it
+// saw and when Postfix listened again.
+func (b *bench) outage(ctx context.Context, pf *peers.Postfix, admin string, awaiting *atomic.Int64, start time.Time) (outageOutcome, time.Time, error) {
+	var o outageOutcome
+	n := int64(b.plan.burstClients)
+	err := peers.PollEvery(ctx, 50*time.Millisecond, 2*time.Minute, "every client to await the reply to its MAIL", func() (bool, string) {
+		a := awaiting.Load()
+		return a == n, fmt.Sprintf("%d of %d clients await it", a, n)
+	})
+	if err == nil {
+		o.allWait = time.Since(start)
+		// The outage's length is the scenario, not a synchronisation.
+		time.Sleep(outageHold)
+		o.holdEnd = time.Since(start)
+		var m peers.Metrics
+		if m, err = peers.ScrapeMetrics(ctx, admin); err == nil {
+			v := func(name string) float64 { x, _ := m.Value(name); return x }
+			o.up, o.failedSetUps, o.finished = v("smtppool_upstream_up"), v("smtppool_upstream_connect_failures_total"), v("smtppool_transactions_total")
+			o.retries, o.waitingAtRecovery = m.ByLabel("smtppool_retries_total", "reason"), int(v("smtppool_transactions_waiting"))
+		}
+		if err == nil {
+			o.readCost, err = metricsReadCost(ctx, admin, readCostReads)
+		}
+	}
+	if a := awaiting.Load(); err == nil && a != n {
+		err = fmt.Errorf("%d of %d clients still awaited the reply to MAIL after %v of the outage; the others were answered while the upstream was down", a, n, outageHold)
+	}
+	if err == nil && o.up != 0 {
+		err = fmt.Errorf("smtppool_upstream_up is %v while Postfix is stopped", o.up)
+	}
+	// Postfix starts again even after a failure, so that the clients end.
+	if serr := pf.Start(ctx); serr != nil {
+		return o, time.Time{}, errors.Join(err, fmt.Errorf("starting Postfix again: %w", serr))
+	}
+	recovered := time.Now()
+	o.recovered = recovered.Sub(start)
+	return o, recovered, err
+}
+
+// metricsReadCost reads smtppool's /metrics n+1 times in a row and returns
+// the bytes it allocated per read, by its own count
+// (go_memstats_alloc_bytes_total, which the first and last reads report).
+func metricsReadCost(ctx context.Context, admin string, n int) (float64, error) {
+	var first, last float64
+	for i := range n + 1 {
+		m, err := peers.ScrapeMetrics(ctx, admin)
+		if err != nil {
+			return 0, err
+		}
+		v, ok := m.Value("go_memstats_alloc_bytes_total")
+		if !ok {
+			return 0, errors.New("no go_memstats_alloc_bytes_total in smtppool's metrics")
+		}
+		if i == 0 {
+			first = v
+		}
+		last = v
+	}
+	return (last - first) / float64(n), nil
+}
+
 // sampleBurst samples smtppool's VmRSS and metrics every 200 ms until ctx
-// ends.
-func sampleBurst(ctx context.Context, px *peers.Proxy, admin string, start time.Time) []burstSample {
+// ends, with the count of clients awaiting the reply to MAIL.
+func sampleBurst(ctx context.Context, px *peers.Proxy, admin string, start time.Time, awaiting *atomic.Int64) []burstSample {
 	var out []burstSample
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
@@ -265,10 +497,11 @@ func sampleBurst(ctx context.Context, px *peers.Proxy, admin string, start time.
 		if err != nil {
 			continue
 		}
-		s := burstSample{at: time.Since(start), rss: rss}
+		s := burstSample{at: time.Since(start), rss: rss, awaitingMail: int(awaiting.Load())}
 		v := func(name string) float64 { x, _ := m.Value(name); return x }
 		s.open, s.waiting, s.goroutines = int(v("smtppool_client_connections")), int(v("smtppool_transactions_waiting")), int(v("go_goroutines"))
 		s.heap, s.stacks = v("go_memstats_heap_inuse_bytes"), v("go_memstats_stack_inuse_bytes")
+		s.allocated = v("go_memstats_alloc_bytes_total")
 		out = append(out, s)
 	}
 }
