@@ -112,8 +112,9 @@ type outageOutcome struct {
 	finished          float64
 	waitingAtRecovery int     // smtppool's transactions waiting then
 	toLast            float64 // seconds from the recovery to the last reply
-	// held is the samples taken while every client waited, from
-	// allWait to holdEnd.
+	// held is the samples taken while every client waited, from the
+	// first with the most transactions waiting (the figure's) to
+	// holdEnd.
 	held []burstSample
 	// readCost is what one read of /metrics allocates in smtppool
 	// (bytes), measured at the end of the outage, every client waiting.
@@ -221,8 +222,8 @@ func (b *bench) outageDetails(o burstOutcome) {
 	}
 	first, last := u.held[0], u.held[len(u.held)-1]
 	secs := (last.at - first.at).Seconds()
-	b.detail("8. Through an outage, while every client waited: %d samples from %.1f s to %.1f s; RSS %.1f MiB at the first (%.1f KiB per waiting client), %.1f MiB at the last (%.1f KiB); heap in use %.1f then %.1f MiB. smtppool allocated %.1f MiB meanwhile (go_memstats_alloc_bytes_total), %.0f KiB/s; one read of /metrics allocates %.0f KiB in it (%d reads in a row at the end of the outage), so the %d reads of the samples between the first and the last account for %.1f MiB of that.",
-		len(u.held), first.at.Seconds(), last.at.Seconds(), mib(first.rss), float64(first.rss-o.idle)/float64(first.waiting),
+	b.detail("8. Through an outage, while every client waited: %d samples from the one above, at %.1f s, to the end of the %v more, at %.1f s; RSS %.1f MiB at the first (%.1f KiB per waiting client), %.1f MiB at the last (%.1f KiB); heap in use %.1f then %.1f MiB. smtppool allocated %.1f MiB meanwhile (go_memstats_alloc_bytes_total), %.0f KiB/s; one read of /metrics allocates %.0f KiB in it (%d reads in a row at the end of the outage), so the %d reads of the samples between the first and the last account for %.1f MiB of that.",
+		len(u.held), first.at.Seconds(), outageHold, last.at.Seconds(), mib(first.rss), float64(first.rss-o.idle)/float64(first.waiting),
 		mib(last.rss), float64(last.rss-o.idle)/float64(last.waiting), first.heap/(1<<20), last.heap/(1<<20),
 		(last.allocated-first.allocated)/(1<<20), (last.allocated-first.allocated)/1024/secs, u.readCost/1024, readCostReads,
 		len(u.held)-1, float64(len(u.held)-1)*u.readCost/(1<<20))
@@ -399,7 +400,7 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 	o.samples = len(samples)
 	o.most = slices.MaxFunc(samples, func(x, y burstSample) int { return x.waiting - y.waiting }) // the first of the most
 	for _, x := range samples {
-		if kind == upstreamOutage && x.at >= o.outage.allWait && x.at < o.outage.holdEnd {
+		if kind == upstreamOutage && x.at >= o.most.at && x.at < o.outage.holdEnd {
 			o.outage.held = append(o.outage.held, x)
 		}
 	}
