@@ -222,7 +222,7 @@ func (b *bench) outageDetails(o burstOutcome) {
 	}
 	first, last := u.held[0], u.held[len(u.held)-1]
 	secs := (last.at - first.at).Seconds()
-	b.detail("8. Through an outage, while every client waited: %d samples from the one above, at %.1f s, to the end of the %v more, at %.1f s; RSS %.1f MiB at the first (%.1f KiB per waiting client), %.1f MiB at the last (%.1f KiB); heap in use %.1f then %.1f MiB. smtppool allocated %.1f MiB meanwhile (go_memstats_alloc_bytes_total), %.0f KiB/s; one read of /metrics allocates %.0f KiB in it (%d reads in a row at the end of the outage), so the %d reads of the samples between the first and the last account for %.1f MiB of that.",
+	b.detail("8. Through an outage, while every client waited: %d samples from the one above, at %.1f s, to the end of the %v hold, at %.1f s; RSS %.1f MiB at the first (%.1f KiB per waiting client), %.1f MiB at the last (%.1f KiB); heap in use %.1f then %.1f MiB. smtppool allocated %.1f MiB meanwhile (go_memstats_alloc_bytes_total), %.0f KiB/s; one read of /metrics allocates %.0f KiB in it (%d reads in a row at the end of the outage), so the %d reads of the samples between the first and the last account for %.1f MiB of that.",
 		len(u.held), first.at.Seconds(), outageHold, last.at.Seconds(), mib(first.rss), float64(first.rss-o.idle)/float64(first.waiting),
 		mib(last.rss), float64(last.rss-o.idle)/float64(last.waiting), first.heap/(1<<20), last.heap/(1<<20),
 		(last.allocated-first.allocated)/(1<<20), (last.allocated-first.allocated)/1024/secs, u.readCost/1024, readCostReads,
@@ -270,6 +270,10 @@ func (b *bench) burstRun(g *peers.Group, bin string, settings map[string]string,
 		return o, err
 	}
 	defer px.Stop()
+	// smtppool logs its client cap just after it starts to listen.
+	_ = peers.Poll(g.Context(), 10*time.Second, "smtppool's client capacity in its log", func() (bool, string) {
+		return capacityRe.MatchString(px.Log()), "not logged yet"
+	})
 	o.capacity = capacityOf(px.Log())
 	if lim, err := procOpenFilesLimit(px.Pid()); err != nil {
 		return o, err
