@@ -66,6 +66,12 @@ type Pool struct {
 	idleTimer *time.Timer
 	idleAt    time.Time
 
+	// backCh is closed, and replaced, when an upstream entry that could
+	// not be reached accepts a session again (see Reachable). Guarded by
+	// backMu.
+	backMu sync.Mutex
+	backCh chan struct{}
+
 	closeOnce sync.Once
 	closed    chan struct{}
 	done      chan struct{}
@@ -84,12 +90,13 @@ func New(cfg Config) (*Pool, error) {
 		gate:   newCapGate(cfg.MaxConns),
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
+		backCh: make(chan struct{}),
 
 		idleTimer: time.NewTimer(time.Hour),
 		drain:     drainWatch{timeout: cfg.AcquireTimeout, minSpan: min(10*time.Second, cfg.AcquireTimeout/4)},
 	}
 	p.idleTimer.Stop()
-	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded); err != nil {
+	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded, p.reachableAgain); err != nil {
 		return nil, err
 	}
 	if cfg.RateLimit > 0 {
@@ -511,6 +518,27 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 		"effective_max_conns", open, "max_conns", p.cfg.MaxConns, "reply", reply)
 	p.trimToCap()
 	return true
+}
+
+// Reachable returns a channel that is closed the next time an upstream
+// entry that could not be reached accepts a session again. A caller that
+// waits out a pause after Acquire failed (ErrUpstreamDown, or the dial
+// error of a failed probe) can try again then, at once, instead of at the
+// end of its pause: after an outage, the first transaction to get a
+// session wakes the others. Taken before the attempt that failed, it also
+// covers a recovery that happened during that attempt.
+func (p *Pool) Reachable() <-chan struct{} {
+	p.backMu.Lock()
+	defer p.backMu.Unlock()
+	return p.backCh
+}
+
+// reachableAgain wakes the callers waiting on Reachable.
+func (p *Pool) reachableAgain() {
+	p.backMu.Lock()
+	close(p.backCh)
+	p.backCh = make(chan struct{})
+	p.backMu.Unlock()
 }
 
 // lockoutEnded is called when a probe of an entry that had refused a

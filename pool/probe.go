@@ -48,6 +48,9 @@ type prober struct {
 	// recovered, if set, is called when a probe succeeds after the entry
 	// was full.
 	recovered func()
+	// reachable, if set, is called when a probe succeeds after the entry
+	// could not be reached.
+	reachable func()
 
 	mu       sync.Mutex
 	state    probeState
@@ -159,8 +162,11 @@ func (pr *prober) record(ctx context.Context, err error, probe bool) {
 		pr.state, pr.lastErr, pr.delay = stateOK, nil, 0
 		pr.up.Store(true)
 		pr.mu.Unlock()
-		if was == stateFull && pr.recovered != nil {
+		switch {
+		case was == stateFull && pr.recovered != nil:
 			pr.recovered()
+		case was == stateDown && pr.reachable != nil:
+			pr.reachable()
 		}
 		return
 	}

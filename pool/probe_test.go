@@ -83,3 +83,52 @@ func TestOneProbeAtATimeWhileTheUpstreamIsDown(t *testing.T) {
 		t.Errorf("after the outage: upstream up %v, %d connections; want up, 1", p.Stat().UpstreamUp, up2.Stats().Conns)
 	}
 }
+
+// TestReachableClosesWhenTheUpstreamComesBack: the channel Reachable
+// returns stays open while the upstream is down, is closed by the first
+// session set up after it came back, and the next one stays open while
+// sessions are set up as usual.
+func TestReachableClosesWhenTheUpstreamComesBack(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	addr := up.Addr
+	up.Close()
+	p, err := pool.New(pool.Config{Addr: addr, TLS: pool.TLSNone, ProbeBackoff: time.Nanosecond, ProbeBackoffMax: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	back := p.Reachable()
+	for range 2 {
+		if _, err := p.Acquire(context.Background()); err == nil {
+			t.Fatal("Acquire with the upstream down succeeded")
+		}
+	}
+	select {
+	case <-back:
+		t.Fatal("Reachable closed while the upstream was down")
+	default:
+	}
+
+	startUpstream(t, memsmtp.Options{Addr: addr})
+	first, err := p.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Release()
+	select {
+	case <-back:
+	default:
+		t.Fatal("Reachable still open after a session was set up on the upstream that came back")
+	}
+	again := p.Reachable()
+	second, err := p.Acquire(context.Background()) // a second session, set up as usual
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Release()
+	select {
+	case <-again:
+		t.Fatal("Reachable closed by a session set up while the upstream was up")
+	default:
+	}
+}

@@ -28,8 +28,9 @@ const fullProbeBackoffMax = time.Second
 // newUpstreams makes the entries of cfg.Addr. Each but the last is skipped
 // for FailoverCooldown after a failure, since the next one can serve; the
 // last is probed again after the usual backoff. recovered is called when
-// a probe of an entry that was full succeeds.
-func newUpstreams(cfg Config, recovered func()) ([]*upstream, error) {
+// a probe of an entry that was full succeeds, reachable when one of an
+// entry that could not be reached does.
+func newUpstreams(cfg Config, recovered, reachable func()) ([]*upstream, error) {
 	addrs, err := cfg.addrs()
 	if err != nil {
 		return nil, err
@@ -43,7 +44,7 @@ func newUpstreams(cfg Config, recovered func()) ([]*upstream, error) {
 			u.tls.ServerName = host
 		}
 		u.probe = prober{base: cfg.ProbeBackoff, max: cfg.ProbeBackoffMax, fullMax: fullProbeBackoffMax,
-			log: cfg.Logger.With("upstream", addr), recovered: recovered}
+			log: cfg.Logger.With("upstream", addr), recovered: recovered, reachable: reachable}
 		if i < len(addrs)-1 {
 			u.probe.base, u.probe.max, u.probe.fullMax = cfg.FailoverCooldown, cfg.FailoverCooldown, cfg.FailoverCooldown
 		}

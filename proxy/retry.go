@@ -17,9 +17,9 @@ func backoff(failures int, base, max time.Duration) time.Duration {
 	return min(d+rand.N(d/2+1), max)
 }
 
-// sleep waits d, or less if ctx ends; it reports whether the whole wait
-// passed.
-func sleep(ctx context.Context, d time.Duration) bool {
+// sleep waits d, or less if ctx ends or wake is closed (a nil wake never
+// is); it reports false if ctx ended.
+func sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}
@@ -27,6 +27,8 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return true
+	case <-wake:
 		return true
 	case <-ctx.Done():
 		return false

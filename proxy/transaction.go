@@ -124,6 +124,9 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 	b := tx.s.b
 	var w retryWindow
 	for {
+		// Taken before the try: an upstream that comes back while this
+		// try fails, or while it waits out its pause, ends the pause.
+		back := b.pool.Reachable()
 		where, err := tx.try(cmd, step)
 		tx.upstreamDone = time.Now()
 		if err == nil {
@@ -172,7 +175,10 @@ func (tx *transaction) relay(cmd command, step func(context.Context, *pool.Conn)
 		}
 		delay = min(delay, w.left(b.cfg.RetryTimeout))
 		tx.logRetry(cmd, err, delay, v.sameSession)
-		if !sleep(tx.ctx, delay) {
+		if where != stageAcquire {
+			back = nil // a session was had: the pause is not for the upstream to come back
+		}
+		if !sleep(tx.ctx, delay, back) {
 			return tx.stopped()
 		}
 	}

@@ -81,6 +81,54 @@ func TestRetryWindowRidesOutAnOutage(t *testing.T) {
 	}
 }
 
+// TestRecoveryEndsTheRetryPause: a transaction that failed to get a
+// session while the upstream was down waits out its pause (here a minute)
+// only until the upstream is back: the first transaction that gets a
+// session then wakes it. Before, it slept its whole pause, and after an
+// outage the transactions holding the buffer budget slept up to
+// RetryBackoffMax each while sessions stood idle.
+func TestRecoveryEndsTheRetryPause(t *testing.T) {
+	const pause = time.Minute
+	retries := &retryCounter{reasons: map[string]int{}}
+	// A probe is due at once after a failure, so that the second
+	// transaction probes rather than pauses too.
+	o, addr := newOutageEnv(t, pool.Config{ProbeBackoff: time.Nanosecond, ProbeBackoffMax: time.Nanosecond},
+		proxy.Config{RetryBackoff: pause, RetryBackoffMax: pause, RetryTimeout: 2 * pause, Observer: retries})
+	o.stop()
+	sent := make(chan error, 1)
+	go func() {
+		c, err := smtp.Dial(addr)
+		if err != nil {
+			sent <- err
+			return
+		}
+		defer c.Close()
+		sent <- send(c, "app@example.com", []string{"user@example.com"}, message("waits out the outage"))
+	}()
+	memsmtp.WaitFor(t, "the first transaction to pause after failing to connect", func() bool { return retries.count("connect") > 0 })
+	o.start()
+
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("after the outage")); err != nil {
+		t.Fatalf("send once the upstream is back: %v", err)
+	}
+	select {
+	case err := <-sent:
+		if err != nil {
+			t.Fatalf("the transaction that paused: %v", err)
+		}
+	case <-time.After(pause / 2):
+		t.Fatalf("the transaction that paused was still waiting %v after the upstream came back (retries: %v)", pause/2, retries)
+	}
+	if n := len(o.up.Messages()); n != 2 {
+		t.Errorf("upstream has %d messages, want 2", n)
+	}
+}
+
 // TestRetryWindowEnds: past SMTPPOOL_RETRY_TIMEOUT the client hears of the
 // failure, as a 4xx.
 func TestRetryWindowEnds(t *testing.T) {
