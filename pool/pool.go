@@ -243,7 +243,8 @@ func (p *Pool) take(ctx context.Context) (*puddle.Resource[*session], error) {
 }
 
 // usable checks a session just taken from the pool, and destroys it if it
-// has reached a limit or fails NOOP after an idle spell. A session that has
+// has reached a limit, if its upstream closed it or sent what no command
+// asked for, or if it fails NOOP after an idle spell. A session that has
 // never been lent is exempt from the limits, so that a tiny MaxConnLifetime
 // cannot make Acquire dial forever.
 func (p *Pool) usable(ctx context.Context, res *puddle.Resource[*session]) bool {
@@ -253,6 +254,16 @@ func (p *Pool) usable(ctx context.Context, res *puddle.Resource[*session]) bool 
 			p.destroy(res, reason)
 			return false
 		}
+	}
+	// A look into the socket (a system call, no round trip): a connection
+	// that the upstream closed while the session sat idle, or bytes that
+	// no command asked for, retire the session here, where another is
+	// taken at no cost to the transaction, not at its first command, which
+	// would fail and cost the transaction a retry and its pause.
+	if s.client.Unsolicited() {
+		s.broken = true
+		p.destroy(res, closeBroken)
+		return false
 	}
 	if res.IdleDuration() > p.cfg.PingAfterIdle {
 		stop := s.bind(ctx)
@@ -334,9 +345,9 @@ func (p *Pool) retireReason(res *puddle.Resource[*session]) closeReason {
 	case s.client.OutOfStep():
 		// A reply nobody asked for, or one that broke the protocol: the
 		// next command would take the next reply for its own. (What
-		// arrived since, or a close, the look into the socket before the
-		// next write finds: the one look a session taken, used and
-		// returned costs.)
+		// arrives later, or a close, the look into the socket when the
+		// session is taken again, or by the background loop, finds: none
+		// is spent here.)
 		s.broken = true
 		return closeBroken
 	case time.Since(res.CreationTime()) >= p.cfg.MaxConnLifetime:

@@ -210,6 +210,30 @@ func TestIdleSessionIsCheckedWithNOOP(t *testing.T) {
 	}
 }
 
+// TestClosedIdleSessionIsNeverHandedOut: a session whose upstream closed
+// its connection while it sat idle, for less than PingAfterIdle (so no
+// NOOP checks it), is seen when it is taken and replaced there, at no
+// cost to the transaction: handed out, it would fail its first command,
+// and the transaction would pay a retry and its pause.
+func TestClosedIdleSessionIsNeverHandedOut(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{PingAfterIdle: time.Hour})
+	c := acquire(t, p)
+	first := c.ID()
+	c.Release()
+	up.CloseConns() // the upstream restarts while the session idles
+	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
+
+	c = acquire(t, p)
+	defer c.Release()
+	if c.ID() == first {
+		t.Fatal("a session whose connection the upstream closed was handed out")
+	}
+	if err := send(c, 1); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+}
+
 func TestSessionLimits(t *testing.T) {
 	tests := []struct {
 		name  string
