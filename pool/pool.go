@@ -165,8 +165,10 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 // TryAcquire returns a session ready for a new transaction if one is idle
 // now and Acquire would not wait for the cap or the rate limit, and nil
 // otherwise. It never dials, waits or checks a session with NOOP: a
-// session that has idled past PingAfterIdle is left to Acquire. The caller
-// must Release the Conn.
+// session that has idled past PingAfterIdle is left to Acquire. Like
+// Acquire, it looks into the session's socket (a system call, no round
+// trip), and closes a session that the upstream closed or wrote to unasked
+// instead of lending it. The caller must Release the Conn.
 func (p *Pool) TryAcquire() *Conn {
 	if p.limiter != nil || p.p.Stat().IdleResources() == 0 || !p.gate.tryAcquire() {
 		return nil
@@ -183,6 +185,17 @@ func (p *Pool) TryAcquire() *Conn {
 	if s.transactions > 0 && p.retireReason(res) != closeNone || res.IdleDuration() > p.cfg.PingAfterIdle {
 		res.ReleaseUnused()
 		p.gate.release()
+		return nil
+	}
+	// The look into the socket that Acquire's usable makes: a session
+	// that the upstream closed, or wrote to unasked, while it sat idle is
+	// closed here, not lent to fail its first write and cost its
+	// transaction a retry. Its place under the cap is given back once its
+	// connection is closed, as a lent session's is.
+	if s.client.Unsolicited() {
+		s.broken = true
+		s.afterClose = p.gate.release
+		p.destroy(res, closeBroken)
 		return nil
 	}
 	s.transactions++

@@ -234,6 +234,37 @@ func TestClosedIdleSessionIsNeverHandedOut(t *testing.T) {
 	}
 }
 
+// TestTryAcquireNeverLendsAClosedSession: TryAcquire, the proxy's way to
+// take an idle session at MAIL, looks into the socket as Acquire does: a
+// session whose upstream closed its connection while it sat idle, or sent
+// what no command asked for, is closed there, not lent to fail its first
+// command and cost the transaction a retry and its pause.
+func TestTryAcquireNeverLendsAClosedSession(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	p := newPool(t, up, pool.Config{MaxConns: 1, PingAfterIdle: time.Hour})
+	c := acquire(t, p)
+	if err := send(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	c.Release()
+	up.CloseConns() // the upstream restarts while the session idles
+	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
+
+	if c := p.TryAcquire(); c != nil {
+		err := send(c, 2)
+		c.Release()
+		t.Fatalf("TryAcquire lent session %d, whose connection the upstream closed (its transaction: %v); want nil", c.ID(), err)
+	}
+	c = acquire(t, p) // the place under the cap was given back
+	defer c.Release()
+	if err := send(c, 3); err != nil {
+		t.Fatalf("send on a fresh session: %v", err)
+	}
+	if st := p.Stat(); st.ClosedBroken != 1 {
+		t.Errorf("%d sessions closed as broken, want the one the upstream closed", st.ClosedBroken)
+	}
+}
+
 func TestSessionLimits(t *testing.T) {
 	tests := []struct {
 		name  string

@@ -81,6 +81,31 @@ func TestRetryWindowRidesOutAnOutage(t *testing.T) {
 	}
 }
 
+// TestClosedIdleSessionCostsNoRetry: a session whose connection the
+// upstream closed while it sat idle (an upstream restart, an idle timeout
+// shorter than ours) is replaced when a transaction takes it at MAIL, not
+// lent to fail the first write: the transaction is delivered with no
+// retry, and so no pause of SMTPPOOL_RETRY_BACKOFF.
+func TestClosedIdleSessionCostsNoRetry(t *testing.T) {
+	retries := &retryCounter{reasons: map[string]int{}}
+	e := newEnv(t, options{pool: pool.Config{MaxConns: 1, PingAfterIdle: time.Hour}, proxy: proxy.Config{Observer: retries}})
+	c := e.dial(t)
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("before")); err != nil {
+		t.Fatal(err)
+	}
+	e.up.CloseConns()
+	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return e.up.Stats().Open == 0 })
+	if err := send(c, "app@example.com", []string{"user@example.com"}, message("after")); err != nil {
+		t.Fatal(err)
+	}
+	if retries.String() != "map[]" {
+		t.Errorf("retries %v after the upstream closed an idle session; want none", retries)
+	}
+	if n := len(e.up.Messages()); n != 2 {
+		t.Errorf("upstream has %d messages, want 2", n)
+	}
+}
+
 // TestRecoveryEndsTheRetryPause: a transaction that failed to get a
 // session while the upstream was down waits out its pause (here a minute)
 // only until the upstream is back: the first transaction that gets a
