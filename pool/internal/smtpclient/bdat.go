@@ -38,6 +38,8 @@ var chunkBufs = sync.Pool{New: func() any {
 // one write and one reply. With pipelined, larger messages go as chunks
 // written ahead of their replies; without, each chunk waits for its
 // reply. The first refused chunk is the verdict, and no chunk follows it.
+// A chunk written when no reply is due (the first, and each without
+// pipelining) is preceded by checkInSync's look, as any command is.
 // sent reports that the whole message, last chunk included, was written:
 // when it is and err is not a reply, the server may have kept the message.
 func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, err error) {
@@ -74,9 +76,6 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 		}
 		return nil
 	}
-	if err := c.checkInSync(); err != nil {
-		return "", false, err
-	}
 	out := buf.out[:headerRoom]
 	for !sent && refused == nil {
 		n, rerr := msg.Read(buf.in)
@@ -90,6 +89,14 @@ func (c *Client) BDAT(msg io.Reader, pipelined bool) (reply string, sent bool, e
 		}
 		if !last && len(out)-headerRoom < chunkSize {
 			continue
+		}
+		if answered == chunks {
+			// No reply is due: any byte waiting is one no command asked
+			// for, which the next chunk's reply would be read as (the
+			// first chunk, and each chunk without pipelining).
+			if err := c.checkInSync(); err != nil {
+				return "", false, err
+			}
 		}
 		if err := c.writeChunk(out, last); err != nil {
 			return "", false, err

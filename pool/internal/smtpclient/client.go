@@ -651,7 +651,8 @@ func truncate(line string) string {
 // waiting, where one that came in a later packet is: a system call, no
 // round trip. It also fails when the server has closed the connection,
 // before anything is written into it. Every write of commands or of a
-// message is preceded by it.
+// message is preceded by it, and so is every BDAT chunk written when no
+// earlier chunk's reply is due.
 func (c *Client) checkInSync() error {
 	if err := c.outOfStep(); err != nil {
 		return err

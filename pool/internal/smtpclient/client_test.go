@@ -780,6 +780,36 @@ func TestFinalReplyCutShort(t *testing.T) {
 	}
 }
 
+// TestExtraReplyToAChunkIsNeverTakenForTheNext: without pipelining, each
+// chunk waits for its reply before the next is written, as a command
+// does: an extra reply that came with a chunk's (here in the same write)
+// is seen before the next chunk goes out, as it is before any other
+// write. Taken for the last chunk's reply, it would be read as the
+// verdict on a message the server had not yet received whole, and a
+// refusal would follow it unread.
+func TestExtraReplyToAChunkIsNeverTakenForTheNext(t *testing.T) {
+	msg := strings.Repeat("z", chunkSize+100) // two chunks
+	var after []byte
+	c, done := scriptedDone(t, func(p *peer) {
+		greet(p, "CHUNKING")
+		if _, last := readChunk(p); last {
+			t.Error("first chunk marked LAST")
+		}
+		p.send("250 2.0.0 chunk ok\r\n250 2.0.0 Ok: queued as X") // two replies, in one write
+		after, _ = io.ReadAll(p.r)
+	})
+	mustHello(t, c)
+	reply, sent, err := c.BDAT(strings.NewReader(msg), false)
+	if !errors.Is(err, ErrUnsolicitedReply) || isReply(err) || sent {
+		t.Errorf("BDAT after an extra reply to its first chunk: %q, sent %v, %v; want ErrUnsolicitedReply, not sent whole", reply, sent, err)
+	}
+	c.Close()
+	<-done
+	if len(after) != 0 {
+		t.Errorf("server read %d bytes after the extra reply, want nothing", len(after))
+	}
+}
+
 // TestChunkAnsweredAboutAnAddress: a reply about an address (2.1.5, a
 // RCPT's) to a chunk that is not the last shows the replies out of step
 // (issue 16, item 8): no further chunk goes out, the error is no reply,
