@@ -161,3 +161,32 @@ func TestWaitForAProbeEndsWithTheAcquire(t *testing.T) {
 		t.Errorf("%d dials, want the first refused ones only", d)
 	}
 }
+
+// TestEveryAcquireGivenUpIsCounted: CanceledAcquireCount (the metric
+// acquires_canceled_total) counts every Acquire that its context ended,
+// wherever it waited: for the next probe of a full upstream, or for a
+// place under the cap that the refusals lowered to 1, where the others
+// wait meanwhile.
+func TestEveryAcquireGivenUpIsCounted(t *testing.T) {
+	up := startUpstream(t, memsmtp.Options{})
+	var l limitedUpstream
+	p := newPool(t, up, pool.Config{MaxConns: 3, Dial: l.dial, ProbeBackoff: time.Minute, ProbeBackoffMax: time.Minute})
+	const n = 3
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			defer cancel()
+			_, err := p.Acquire(ctx)
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Acquire from a full upstream: %v, want its deadline", err)
+		}
+	}
+	if st := p.Stat(); st.CanceledAcquireCount != n {
+		t.Errorf("%d acquires counted as given up (cap %d, %d refused dials), want %d", st.CanceledAcquireCount, st.EffectiveMaxConns, l.refused.Load(), n)
+	}
+}

@@ -139,12 +139,12 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 	defer p.waiting.Add(-1)
 	if p.limiter != nil {
 		if err := p.limiter.Wait(ctx); err != nil {
-			return nil, fmt.Errorf("waiting for the rate limit: %w", err)
+			return nil, p.gaveUp(ctx, fmt.Errorf("waiting for the rate limit: %w", err))
 		}
 	}
 	for first := false; ; first = true {
 		if err := p.gate.acquire(ctx, first); err != nil {
-			return nil, err
+			return nil, p.gaveUp(ctx, err)
 		}
 		c, err := p.acquire(ctx)
 		if err == nil {
@@ -153,13 +153,23 @@ func (p *Pool) Acquire(ctx context.Context) (*Conn, error) {
 		}
 		p.gate.release()
 		if !errors.Is(err, ErrConnLimit) || ctx.Err() != nil {
-			return nil, err
+			return nil, p.gaveUp(ctx, err)
 		}
 		// The upstream refused to set a session up over its connection
 		// limit: a fact about the upstream, not the transaction. The cap
 		// is lowered and the entry backs off; wait again for a place
 		// under the cap, first in line.
 	}
+}
+
+// gaveUp counts an Acquire that returns err, in CanceledAcquireCount, if
+// its context has ended: wherever it waited (the rate limit, the cap, the
+// prober, puddle), its wait was given up.
+func (p *Pool) gaveUp(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		p.stats.canceledAcquires.Add(1)
+	}
+	return err
 }
 
 // TryAcquire returns a session ready for a new transaction if one is idle
@@ -244,7 +254,6 @@ func (p *Pool) take(ctx context.Context) (*puddle.Resource[*session], error) {
 		switch {
 		case errors.As(err, &w):
 			if err := w.wait(ctx); err != nil {
-				p.stats.canceledWaits.Add(1)
 				return nil, err
 			}
 		case errors.Is(err, puddle.ErrClosedPool):

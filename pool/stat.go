@@ -14,9 +14,11 @@ type counters struct {
 	auths           atomic.Int64
 	messages        atomic.Int64
 	closed          [numCloseReasons]atomic.Int64
-	// canceledWaits counts Acquire calls that gave up while they waited
-	// for the prober (puddle counts those that give up inside it).
-	canceledWaits atomic.Int64
+	// canceledAcquires counts Acquire calls that returned because their
+	// context ended, wherever they waited (see Pool.gaveUp); puddle's own
+	// count sees only the waits inside it, not the gate's or the
+	// prober's.
+	canceledAcquires atomic.Int64
 }
 
 // Stat is a snapshot of a pool's state and running totals. A conn is one
@@ -61,7 +63,9 @@ type Stat struct {
 	// waiting.
 	EmptyAcquireWaitTime time.Duration
 	// CanceledAcquireCount counts acquisitions given up because their
-	// context ended, typically the acquire timeout.
+	// context ended, typically the acquire timeout, wherever they waited:
+	// for the rate limit, a place under the effective cap, the prober or
+	// a session.
 	CanceledAcquireCount int64
 
 	// ConnsOpened counts conns that completed their set-up.
@@ -132,7 +136,7 @@ func (p *Pool) Stat() Stat {
 		AcquireCount:         ps.AcquireCount(),
 		EmptyAcquireCount:    ps.EmptyAcquireCount(),
 		EmptyAcquireWaitTime: ps.EmptyAcquireWaitTime(),
-		CanceledAcquireCount: ps.CanceledAcquireCount() + p.stats.canceledWaits.Load(),
+		CanceledAcquireCount: p.stats.canceledAcquires.Load(),
 		ConnsOpened:          int64(p.stats.connsOpened.Load()),
 		ConnectFailures:      p.stats.connectFailures.Load(),
 		Auths:                p.stats.auths.Load(),

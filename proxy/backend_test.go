@@ -168,3 +168,44 @@ func TestExtensionsAdvertised(t *testing.T) {
 		t.Errorf("EHLO reply offers AUTH, which the proxy does not implement")
 	}
 }
+
+// TestAcquireTimeoutWhileTheUpstreamIsFull: a transaction waiting for the
+// pool's next probe of an upstream that refuses every session over its
+// connection limit (the pool's wait since 4727273, outside puddle) still
+// gets 451 4.4.5 at SMTPPOOL_ACQUIRE_TIMEOUT; no dial is made for it but
+// the first refused ones, and every acquire given up is counted
+// (acquires_canceled_total), wherever it waited.
+func TestAcquireTimeoutWhileTheUpstreamIsFull(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	e := newEnv(t, options{
+		pool:  pool.Config{MaxConns: 3, ProbeBackoff: time.Minute, ProbeBackoffMax: time.Minute},
+		proxy: proxy.Config{AcquireTimeout: timeout},
+	})
+	e.up.Inject(memsmtp.Banner, memsmtp.Repeat(memsmtp.Fault{Reply: reply(421, [3]int{4, 7, 0}, "Error: too many connections from 127.0.0.1")}, 100)...)
+	errs := make(chan error, 3)
+	start := time.Now()
+	for range 3 {
+		go func() {
+			c, err := smtp.Dial(e.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			errs <- c.Mail("app@example.com", nil)
+		}()
+	}
+	for range 3 {
+		err := <-errs
+		var got *smtp.SMTPError
+		if !errors.As(err, &got) || got.Code != 451 || got.EnhancedCode != (smtp.EnhancedCode{4, 4, 5}) {
+			t.Errorf("MAIL while the upstream refuses every session: %v, want 451 4.4.5", err)
+		}
+	}
+	if waited := time.Since(start); waited > 10*timeout {
+		t.Errorf("replies after %v, want about the acquire timeout, %v", waited.Round(time.Millisecond), timeout)
+	}
+	if st := e.pool.Stat(); st.ConnectFailures > 3 || st.CanceledAcquireCount != 3 {
+		t.Errorf("%d connect failures, %d acquires counted as given up; want at most the first refused set-ups, and 3", st.ConnectFailures, st.CanceledAcquireCount)
+	}
+}
