@@ -9,9 +9,10 @@
 // destroyed, an unfinished transaction is reset or the session closed) and
 // by a background loop that closes idle and expired sessions. While the
 // upstream cannot be reached, one dial at a time probes it, with backoff,
-// and other dials wait for that probe instead of hammering the upstream;
-// so too while it refuses sessions over its connection limit, and then
-// the transactions waiting for a session wait for that probe.
+// and other acquirers wait for that probe, or fail at once while none is
+// due, instead of hammering the upstream; so too while it refuses
+// sessions over its connection limit, and then the transactions waiting
+// for a session wait for the next probe instead of failing.
 package pool
 
 import (
@@ -557,8 +558,8 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 // entry that could not be reached accepts a session again. A caller that
 // waits out a pause after Acquire failed (ErrUpstreamDown, or the dial
 // error of a failed probe) can try again then, at once, instead of at the
-// end of its pause: after an outage, the first transaction to get a
-// session wakes the others. Taken before the attempt that failed, it also
+// end of its pause: after an outage, the first session set up (for an
+// acquirer, or to keep MinIdleConns warm) wakes them. Taken before the attempt that failed, it also
 // covers a recovery that happened during that attempt.
 func (p *Pool) Reachable() <-chan struct{} {
 	p.backMu.Lock()

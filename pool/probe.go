@@ -26,17 +26,18 @@ const (
 	stateDown
 	// stateFull: the last set-up was refused over the entry's connection
 	// limit (a 421 banner "too many connections"). The entry is up but
-	// has no room: one dial at a time probes it, with backoff, and other
-	// dials wait for that probe instead of failing, since nothing is
-	// wrong with their transactions.
+	// has no room: one dial at a time probes it, with backoff, and the
+	// acquirers of other dials wait for that probe (a *probeWait) instead
+	// of failing, since nothing is wrong with their transactions.
 	stateFull
 )
 
 // prober lets one dial at a time probe an upstream that failed to set up a
 // session, or refused one over its connection limit, with backoff between
-// probes. While a probe is in flight, other dials wait for its outcome;
-// while none is due, they fail at once with the last error (the entry is
-// down) or wait until one is (the entry is full).
+// probes. While a probe is in flight, other dials return a *probeWait,
+// and their acquirers wait for its outcome; while none is due, they fail
+// at once with the last error (the entry is down) or their acquirers wait
+// until one is (the entry is full).
 type prober struct {
 	base, max time.Duration
 	// fullMax caps the pause while the entry is full: a full upstream
@@ -68,7 +69,7 @@ var errBackingOff = errors.New("upstream refused a session over its connection l
 // ctx. Where the prober makes a dial wait (a probe is in flight, or the
 // entry is full and its next probe is not due), dial does not wait: it
 // returns a *probeWait, which the acquirer waits for with its own context
-// before it tries again (see Pool.acquire), so that puddle's constructor,
+// before it tries again (see Pool.take), so that puddle's constructor,
 // which an acquirer that gives up does not stop, never waits. With noWait,
 // it fails at once instead, so that the caller can turn to another
 // upstream.
