@@ -28,8 +28,8 @@ const (
 	// clientConnBytes is what one client connection costs the Go runtime
 	// while it waits for an upstream session, with a margin: about 16 KiB
 	// live (12 KiB of heap, 8 of them go-smtp's reader and writer, and a
-	// 4 KiB stack), 18.6 KiB of RSS at the height of a burst of 10,000
-	// (the benchmark's measurement 8; 17.9 KiB in a 320 MiB cgroup).
+	// 4 KiB stack), 18.0 KiB of RSS at the height of a burst of 10,000
+	// (the benchmark's measurement 8; 16.7 KiB in a 320 MiB cgroup).
 	clientConnBytes = 20 << 10
 
 	// baseBytes is smtppool's memory with no client and no message: the Go
