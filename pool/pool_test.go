@@ -188,49 +188,34 @@ func TestUnfinishedTransactionIsReset(t *testing.T) {
 	}
 }
 
-func TestIdleSessionIsCheckedWithNOOP(t *testing.T) {
-	up := startUpstream(t, memsmtp.Options{})
-	p := newPool(t, up, pool.Config{PingAfterIdle: time.Nanosecond})
-	c := acquire(t, p)
-	first := c.ID()
-	c.Release()
-	up.CloseConns() // the upstream restarts while the session idles
-	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
-
-	c = acquire(t, p)
-	defer c.Release()
-	if c.ID() == first {
-		t.Fatal("dead idle session was handed out")
-	}
-	if err := send(c, 1); err != nil {
-		t.Fatalf("send: %v", err)
-	}
-	if st := p.Stat(); st.ClosedBroken != 1 || st.ConnsOpened != 2 {
-		t.Errorf("Stat = %+v, want 1 broken and 2 opened", st)
-	}
-}
-
 // TestClosedIdleSessionIsNeverHandedOut: a session whose upstream closed
-// its connection while it sat idle, for less than PingAfterIdle (so no
-// NOOP checks it), is seen when it is taken and replaced there, at no
+// its connection while it sat idle is replaced when it is taken, at no
 // cost to the transaction: handed out, it would fail its first command,
-// and the transaction would pay a retry and its pause.
+// and the transaction would pay a retry and its pause. Past PingAfterIdle
+// the NOOP finds it; before, the look into the socket does.
 func TestClosedIdleSessionIsNeverHandedOut(t *testing.T) {
-	up := startUpstream(t, memsmtp.Options{})
-	p := newPool(t, up, pool.Config{PingAfterIdle: time.Hour})
-	c := acquire(t, p)
-	first := c.ID()
-	c.Release()
-	up.CloseConns() // the upstream restarts while the session idles
-	memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
+	for name, pingAfterIdle := range map[string]time.Duration{"checked with NOOP": time.Nanosecond, "seen in the socket": time.Hour} {
+		t.Run(name, func(t *testing.T) {
+			up := startUpstream(t, memsmtp.Options{})
+			p := newPool(t, up, pool.Config{PingAfterIdle: pingAfterIdle})
+			c := acquire(t, p)
+			first := c.ID()
+			c.Release()
+			up.CloseConns() // the upstream restarts while the session idles
+			memsmtp.WaitFor(t, "the upstream to close the connection", func() bool { return up.Stats().Open == 0 })
 
-	c = acquire(t, p)
-	defer c.Release()
-	if c.ID() == first {
-		t.Fatal("a session whose connection the upstream closed was handed out")
-	}
-	if err := send(c, 1); err != nil {
-		t.Fatalf("send: %v", err)
+			c = acquire(t, p)
+			defer c.Release()
+			if c.ID() == first {
+				t.Fatal("a session whose connection the upstream closed was handed out")
+			}
+			if err := send(c, 1); err != nil {
+				t.Fatalf("send: %v", err)
+			}
+			if st := p.Stat(); st.ClosedBroken != 1 || st.ConnsOpened != 2 {
+				t.Errorf("Stat = %+v, want 1 broken and 2 opened", st)
+			}
+		})
 	}
 }
 
