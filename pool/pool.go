@@ -67,11 +67,10 @@ type Pool struct {
 	idleTimer *time.Timer
 	idleAt    time.Time
 
-	// backCh is closed, and replaced, when an upstream entry that could
-	// not be reached accepts a session again (see Reachable). Guarded by
-	// backMu.
-	backMu sync.Mutex
-	backCh chan struct{}
+	// back holds the channel that is closed, and replaced, when an
+	// upstream entry that could not be reached accepts a session again
+	// (see Reachable): an atomic, since every relayed command reads it.
+	back atomic.Pointer[chan struct{}]
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -91,12 +90,13 @@ func New(cfg Config) (*Pool, error) {
 		gate:   newCapGate(cfg.MaxConns),
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
-		backCh: make(chan struct{}),
 
 		idleTimer: time.NewTimer(time.Hour),
 		drain:     drainWatch{timeout: cfg.AcquireTimeout, minSpan: min(10*time.Second, cfg.AcquireTimeout/4)},
 	}
 	p.idleTimer.Stop()
+	back := make(chan struct{})
+	p.back.Store(&back)
 	if p.upstreams, err = newUpstreams(cfg, p.lockoutEnded, p.reachableAgain); err != nil {
 		return nil, err
 	}
@@ -562,17 +562,13 @@ func (p *Pool) lowerCap(open int32, reply error) bool {
 // acquirer, or to keep MinIdleConns warm) wakes them. Taken before the attempt that failed, it also
 // covers a recovery that happened during that attempt.
 func (p *Pool) Reachable() <-chan struct{} {
-	p.backMu.Lock()
-	defer p.backMu.Unlock()
-	return p.backCh
+	return *p.back.Load()
 }
 
 // reachableAgain wakes the callers waiting on Reachable.
 func (p *Pool) reachableAgain() {
-	p.backMu.Lock()
-	close(p.backCh)
-	p.backCh = make(chan struct{})
-	p.backMu.Unlock()
+	next := make(chan struct{})
+	close(*p.back.Swap(&next))
 }
 
 // lockoutEnded is called when a probe of an entry that had refused a
